@@ -17,6 +17,7 @@ from .errors import InputError, MissingDependencyError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "info": ("spinekit.info_command", "describe an image (size, spacing, orientation, modality)"),
     "demo": ("spinekit.demo", "build a digital phantom and run the pipeline end to end"),
     "phantom": ("spinekit.phantom.command", "write a digital spine CT phantom with its truth"),
     "segment": ("spinekit.segmentation.command", "segment and label vertebrae in a CT"),
