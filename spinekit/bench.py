@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 
 AREAS = (
+    "spinekit.image_bench",
     "spinekit.phantom.bench",
     "spinekit.segmentation.bench",
     "spinekit.bmd.calibration_bench",

@@ -58,9 +58,17 @@ def order_index(name: str) -> int:
 
 
 def neighbours(name: str) -> tuple[str | None, str | None]:
-    """(cranial, caudal) neighbour among the standard 24 + sacrum (T13/L6 skipped)."""
+    """(cranial, caudal) neighbour among the standard 24 + sacrum (T13/L6 skipped).
+
+    A transitional level gets the standard levels around it: T13 -> (T12, L1), L6 -> (L5, sacrum).
+    """
     standard = CERVICAL + THORACIC + LUMBAR + ("sacrum",)
-    i = standard.index(level_name(level_id(name)))
+    level = level_name(level_id(name))
+    if level == "T13":
+        return ("T12", "L1")
+    if level == "L6":
+        return ("L5", "sacrum")
+    i = standard.index(level)
     return (standard[i - 1] if i > 0 else None, standard[i + 1] if i + 1 < len(standard) else None)
 
 
@@ -135,20 +143,36 @@ def to_verse(labels: np.ndarray, convention: str) -> np.ndarray:
     return lut[labels.astype(np.int64)]
 
 
+def _gap_free(names: set[str]) -> bool:
+    """True when the levels form one unbroken cranio-caudal run (T13/L6 may be absent)."""
+    pos = sorted(ORDER.index(n) for n in names)
+    optional = {ORDER.index("T13"), ORDER.index("L6")}
+    return all(p in pos or p in optional for p in range(pos[0], pos[-1] + 1))
+
+
 def guess_convention(present_ids: set[int] | np.ndarray) -> str:
-    """Best guess of the convention from the ids present (used when the user gives none)."""
+    """Best guess of the convention from the ids present (used when the user gives none).
+
+    The spine in a field of view is one unbroken run of levels, so a convention is plausible
+    only when the ids it reads as vertebrae name a gap-free run; among plausible conventions the
+    one that explains the most ids wins (VerSe on ties). This separates full TotalSegmentator
+    maps (organs at 1-24 would read as scattered VerSe levels) and TotalSpineSeg (41-45 = L1-L5
+    next to sacrum 50). Id sets that several conventions explain equally (e.g. VerSe vs.
+    `vertebrae_mr` ids 1-25, or `vertebrae_body` 1/2) are read as VerSe: pass the convention
+    explicitly for those. When no convention is gap-free (a level missing from the map), the
+    fraction of ids explained decides.
+    """
     ids = {int(i) for i in np.unique(np.asarray(list(present_ids))) if int(i) != 0}
     if not ids:
         raise InputError("label map is empty (no non-zero labels).")
-    scores = {}
+    explained: dict[str, int] = {}
+    plausible: dict[str, bool] = {}
     for name, mapping in CONVENTIONS.items():
-        scores[name] = len(ids & set(mapping)) / len(ids)
-    # Prefer VerSe on ties (it is the project's own); TotalSegmentator ids 25-50 overlap VerSe
-    # only at 25-28, so mostly >28 means TotalSegmentator.
-    if max(ids) > 28 and max(ids) <= 50 and min(ids) >= 25:
-        return "totalsegmentator_total"
-    best = max(scores, key=lambda k: (scores[k], k == "verse"))
-    return best
+        hits = ids & set(mapping)
+        explained[name] = len(hits)
+        plausible[name] = bool(hits) and _gap_free({mapping[i] for i in hits})
+    candidates = [k for k in CONVENTIONS if plausible[k]] or list(CONVENTIONS)
+    return max(candidates, key=lambda k: (explained[k], k == "verse"))
 
 
 # --- terminology ---------------------------------------------------------------------------
@@ -171,7 +195,7 @@ SNOMED: dict[str, tuple[str, str]] = {
     "T8": ("11068009", "T8 vertebra"),
     "T9": ("82687006", "T9 vertebra"),
     "T10": ("7610001", "T10 vertebra"),
-    "T11": ("12989008", "T11 vertebra"),
+    "T11": ("12989004", "T11 vertebra"),
     "T12": ("23215003", "T12 vertebra"),
     "L1": ("66794005", "L1 vertebra"),
     "L2": ("14293000", "L2 vertebra"),

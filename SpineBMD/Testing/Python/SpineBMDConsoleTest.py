@@ -1,0 +1,42 @@
+"""SpineBMD console API inside Slicer: process, edit a segment, recompute (ctest)."""
+
+import unittest
+
+import numpy as np
+
+import slicer
+
+
+class SpineBMDConsoleTest(unittest.TestCase):
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def test_recompute_after_edit(self):
+        from spinekit import mrml
+        from spinekit.phantom import CTPhantomConfig, generate_ct_phantom
+        from SpineBMDLib.logic import SpineBMDLogic
+
+        ph = generate_ct_phantom(CTPhantomConfig(first_level="T12", last_level="L3", spacing_mm=(1.5, 1.5, 1.5),
+                                                 noise_hu=10, seed=0))
+        volume = mrml.volume_node_from_image(ph.image, slicer.mrmlScene, "phantom CT")
+        seg = mrml.labels_to_segmentation_node(ph.vertebrae, volume, bodies=ph.bodies)
+        logic = SpineBMDLogic(slicer.mrmlScene)
+        first = logic.process(volume, segmentationNode=seg, phase="native")
+        # Erase the cranial half of the L1 vertebra, as a user would in Segment Editor.
+        labels = mrml.segmentation_node_to_labels(seg, volume)
+        zs = np.nonzero((labels.array == 20).any(axis=(1, 2)))[0]
+        edited = labels.array.copy()
+        edited[zs[len(zs) // 2]:][edited[zs[len(zs) // 2]:] == 20] = 0
+        seg_id = mrml.segment_ids_by_level(seg)["L1"]
+        slicer.util.updateSegmentBinaryLabelmapFromArray((edited == 20).astype(np.uint8), seg, seg_id, volume)
+        second = logic.recompute(volume, seg, phase="native")
+        self.assertLess(second.level("L1").body_volume_cm3, first.level("L1").body_volume_cm3)
+        self.assertAlmostEqual(second.level("L2").body_volume_cm3, first.level("L2").body_volume_cm3, places=3)
+
+
+def runTest():
+    unittest.main(module=__name__, exit=False)
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,400 @@
+"""spinekit.mrml and the Qt-free SpineBMD logic on real MRML (slicer-core wheel).
+
+Geometry is checked against independent references: SimpleITK's own index-to-physical mapping
+and Slicer's own segment geometry (the oriented image data Slicer keeps per segment), never
+against our own conversion run backwards.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer")  # the slicer-core wheel (pip install slicer-core)
+
+from spinekit import levels as lv  # noqa: E402
+from spinekit import mrml  # noqa: E402
+from spinekit.errors import InputError  # noqa: E402
+from spinekit.image import Image  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "SpineBMD"))
+from SpineBMDLib import dependencies  # noqa: E402
+from SpineBMDLib.logic import SpineBMDLogic, summary_line  # noqa: E402
+from SpineBMDLib.worker import BackgroundRun  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_data(*parts) -> Path:
+    path = DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is not available (../shared/data absent)")
+    return path
+
+
+# --- fixtures --------------------------------------------------------------------------------
+@pytest.fixture
+def ctx():
+    return mrml.new_scene()
+
+
+def oblique_image(shape=(12, 16, 20)) -> Image:
+    """A non-trivial geometry: anisotropic spacing, permuted and rotated axes, off origin."""
+    a = np.deg2rad(20)
+    rot = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    perm = np.array([[0, 0, 1], [1, 0, 0], [0, 1, 0]], float)
+    rng = np.random.default_rng(0)
+    return Image(rng.integers(-1000, 1500, size=shape).astype(np.int16), spacing_mm=(0.7, 1.3, 2.5),
+                 origin_mm=(12.5, -30.0, 101.0), direction=rot @ perm)
+
+
+def block_labels(image: Image) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Three 'vertebrae' (T12, L1, L2) as boxes; returns labels and each box's centre index."""
+    labels = np.zeros(image.shape, np.uint8)
+    boxes = {"T12": (slice(8, 11), slice(3, 9), slice(4, 10)),
+             "L1": (slice(4, 7), slice(6, 12), slice(8, 15)),
+             "L2": (slice(0, 3), slice(2, 6), slice(12, 18))}
+    centres = {}
+    for name, box in boxes.items():
+        labels[box] = lv.level_id(name)
+        centres[name] = np.array([(s.start + s.stop - 1) / 2 for s in box])
+    return labels, centres
+
+
+def segment_centroid_ras(segmentation_node, level: str) -> np.ndarray:
+    """Centroid (RAS) of a segment from Slicer's own per-segment labelmap geometry."""
+    from vtk.util import numpy_support
+
+    seg_id = mrml.segment_ids_by_level(segmentation_node)[level]
+    segment = segmentation_node.GetSegmentation().GetSegment(seg_id)
+    oriented = segment.GetRepresentation("Binary labelmap")
+    x0, x1, y0, y1, z0, z1 = oriented.GetExtent()
+    arr = numpy_support.vtk_to_numpy(oriented.GetPointData().GetScalars()).reshape(z1 - z0 + 1, y1 - y0 + 1, x1 - x0 + 1)
+    zyx = np.argwhere(arr == segment.GetLabelValue()).mean(axis=0)
+    ijk = np.array([zyx[2] + x0, zyx[1] + y0, zyx[0] + z0, 1.0])
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    oriented.GetImageToWorldMatrix(m)
+    return (mrml._numpy_matrix(m) @ ijk)[:3]
+
+
+def segment_contains_ras(segmentation_node, level: str, ras) -> bool:
+    """Whether Slicer's own labelmap of a segment is set at a RAS point."""
+    import vtk
+    from vtk.util import numpy_support
+
+    seg_id = mrml.segment_ids_by_level(segmentation_node)[level]
+    segment = segmentation_node.GetSegmentation().GetSegment(seg_id)
+    oriented = segment.GetRepresentation("Binary labelmap")
+    m = vtk.vtkMatrix4x4()
+    oriented.GetWorldToImageMatrix(m)
+    i, j, k = np.rint((mrml._numpy_matrix(m) @ np.array([*ras, 1.0]))[:3]).astype(int)
+    x0, x1, y0, y1, z0, z1 = oriented.GetExtent()
+    if not (x0 <= i <= x1 and y0 <= j <= y1 and z0 <= k <= z1):
+        return False
+    arr = numpy_support.vtk_to_numpy(oriented.GetPointData().GetScalars()).reshape(z1 - z0 + 1, y1 - y0 + 1, x1 - x0 + 1)
+    return bool(arr[k - z0, j - y0, i - x0] == segment.GetLabelValue())
+
+
+# --- geometry --------------------------------------------------------------------------------
+def test_volume_round_trip_keeps_geometry_and_maps_lps_to_ras(ctx):
+    image = oblique_image()
+    node = mrml.volume_node_from_image(image, ctx.scene, "CT")
+    # Independent reference: SimpleITK maps an index to LPS; RAS flips x and y.
+    sitk_img = image.to_sitk()
+    ijk = (3, 7, 5)  # x, y, z index
+    lps = np.array(sitk_img.TransformIndexToPhysicalPoint(ijk))
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    ras = mrml._numpy_matrix(m) @ np.array([*ijk, 1.0])
+    assert np.allclose(ras[:3], [-lps[0], -lps[1], lps[2]], atol=1e-6)
+    # Slicer's own spacing/origin getters agree with the image's.
+    assert np.allclose(node.GetSpacing(), image.spacing_mm)
+    assert np.allclose(node.GetOrigin(), [-image.origin_mm[0], -image.origin_mm[1], image.origin_mm[2]])
+    back = mrml.image_from_volume_node(node)
+    assert back.same_grid(image, tol_mm=1e-6)
+    assert np.array_equal(back.array, image.array) and back.array.dtype == image.array.dtype
+
+
+def test_parent_transform_is_honoured(ctx):
+    image = oblique_image()
+    node = mrml.volume_node_from_image(image, ctx.scene, "CT")
+    transform = ctx.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    import vtk
+
+    shift = vtk.vtkMatrix4x4()
+    shift.SetElement(0, 3, 10.0)  # 10 mm towards patient Right (RAS +x) = LPS -x
+    transform.SetMatrixTransformToParent(shift)
+    node.SetAndObserveTransformNodeID(transform.GetID())
+    moved = mrml.image_from_volume_node(node)
+    assert np.allclose(np.array(moved.origin_mm) - np.array(image.origin_mm), [-10.0, 0, 0], atol=1e-6)
+
+
+def test_bad_inputs_are_one_sentence_input_errors(ctx):
+    empty = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(InputError, match="empty"):
+        mrml.image_from_volume_node(empty)
+    image = oblique_image()
+    node = mrml.volume_node_from_image(image, ctx.scene, "CT")
+    with pytest.raises(InputError, match="shape"):
+        mrml.labels_to_segmentation_node(np.zeros((2, 2, 2), np.uint8), node)
+    seg = ctx.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "nothing")
+    seg.GetSegmentation().AddEmptySegment("liver", "liver")
+    with pytest.raises(InputError, match="vertebra level"):
+        mrml.segmentation_node_to_labels(seg, node)
+
+
+# --- labels -> segmentation ------------------------------------------------------------------
+def test_labels_to_segmentation_names_terminology_colours_geometry(ctx):
+    image = oblique_image()
+    volume = mrml.volume_node_from_image(image, ctx.scene, "CT")
+    sh = ctx.scene.GetSubjectHierarchyNode()
+    study = sh.CreateStudyItem(sh.CreateSubjectItem(sh.GetSceneItemID(), "patient"), "study")
+    sh.SetItemParent(mrml.subject_hierarchy_item(volume), study)
+
+    labels, centres = block_labels(image)
+    labels[0, 0, 0] = 99  # not a vertebra id: must not become a segment
+    seg = mrml.labels_to_segmentation_node(labels, volume)
+    segmentation = seg.GetSegmentation()
+    names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+    assert sorted(names, key=lv.order_index) == ["T12", "L1", "L2"]
+    for level in ("T12", "L1", "L2"):
+        segment = segmentation.GetSegment(mrml.segment_ids_by_level(seg)[level])
+        assert np.allclose(segment.GetColor(), lv.colour(level), atol=1e-6)
+        term = mrml.parse_terminology(segment.GetTerminology())
+        assert term["category"] == ("SCT", "123037004", "Anatomical Structure")
+        assert term["type"] == ("SCT", *lv.SNOMED[level])
+        # Segment voxels sit where the labels were, in RAS (Slicer's own segment geometry).
+        lps = image.index_to_physical(centres[level][None])[0]
+        assert np.allclose(segment_centroid_ras(seg, level), mrml.lps_to_ras(lps), atol=1e-3)
+    # Reference geometry = the volume's (what DICOM SEG export needs).
+    converter = slicer.vtkSegmentationConverter
+    geometry = segmentation.GetConversionParameter(converter.GetReferenceImageGeometryParameterName())
+    import vtk
+
+    m = vtk.vtkMatrix4x4()
+    volume.GetIJKToRASMatrix(m)
+    expected = converter.SerializeImageGeometry(m, volume.GetImageData().GetExtent())
+    assert geometry == expected
+    assert sh.GetItemParent(mrml.subject_hierarchy_item(seg)) == study
+    # The reverse path gives back exactly the vertebra labels.
+    back = mrml.segmentation_node_to_labels(seg, volume)
+    assert np.array_equal(back.array, np.where(labels == 99, 0, labels))
+    assert back.same_grid(image, tol_mm=1e-6)
+
+
+def test_foreign_segment_names_and_terminology_are_recognised(ctx):
+    image = oblique_image()
+    volume = mrml.volume_node_from_image(image, ctx.scene, "CT")
+    labels, _ = block_labels(image)
+    seg = mrml.labels_to_segmentation_node(labels, volume)
+    segmentation = seg.GetSegmentation()
+    ids = mrml.segment_ids_by_level(seg)
+    segmentation.GetSegment(ids["T12"]).SetName("vertebrae_T12")  # TotalSegmentator style
+    segmentation.GetSegment(ids["L2"]).SetName("Segment_7")        # only the terminology says L2
+    assert set(mrml.segment_ids_by_level(seg)) == {"T12", "L1", "L2"}
+    assert np.array_equal(mrml.segmentation_node_to_labels(seg, volume).array, labels)
+
+
+# --- table and chart ---------------------------------------------------------------------------
+def test_table_node_units_and_values(ctx):
+    import pandas as pd
+
+    df = pd.DataFrame({"level": ["L1", "L2"], "vbmd_mg_cm3": [101.5, np.nan], "roi_voxels": [120, 0],
+                       "body_volume_cm3": [30.2, 31.0], "height_anterior_mm": [25.0, 26.0],
+                       "trabecular_hu_mean": [160.0, None], "genant_grade": pd.array([0, None], dtype="Int64"),
+                       "flags": ["", "roi_small;truncated"]})
+    node = mrml.table_node_from_dataframe(df, ctx.scene, "levels")
+    assert node.GetNumberOfColumns() == len(df.columns)
+    assert node.GetColumnUnitLabel("vbmd_mg_cm3") == "mg/cm3"
+    assert node.GetColumnUnitLabel("body_volume_cm3") == "cm3"
+    assert node.GetColumnUnitLabel("height_anterior_mm") == "mm"
+    assert node.GetColumnUnitLabel("trabecular_hu_mean") == "HU"
+    assert node.GetColumnUnitLabel("level") == ""
+    assert mrml.table_column(node, "level") == ["L1", "L2"]
+    vb = mrml.table_column(node, "vbmd_mg_cm3")
+    assert vb[0] == pytest.approx(101.5) and np.isnan(vb[1])
+    assert mrml.table_column(node, "roi_voxels") == [120, 0]
+    grade = mrml.table_column(node, "genant_grade")
+    assert grade[0] == 0 and np.isnan(grade[1])
+    assert mrml.table_column(node, "flags") == ["", "roi_small;truncated"]
+
+
+def test_chart_has_vbmd_and_acr_threshold_series(ctx):
+    chart = mrml.vbmd_chart_node(["L2", "T12", "L1"], [90.0, 140.0, 75.0], ctx.scene, name="vBMD")
+    series = mrml.chart_series(chart)
+    assert list(series) == ["vBMD", "ACR 120 mg/cm3 (osteopenia below)", "ACR 80 mg/cm3 (osteoporosis below)"]
+    assert series["vBMD"]["labels"] == ["T12", "L1", "L2"]  # cranio-caudal order
+    assert series["vBMD"]["y"] == pytest.approx([140.0, 75.0, 90.0])
+    assert series["vBMD"]["x"] == [0, 1, 2]
+    assert series["ACR 120 mg/cm3 (osteopenia below)"]["y"] == pytest.approx([120.0] * 3)
+    assert series["ACR 80 mg/cm3 (osteoporosis below)"]["y"] == pytest.approx([80.0] * 3)
+    assert chart.GetYAxisTitle() == "vBMD (mg/cm3)"
+    # Reusing the chart replaces its series (no pile-up on a second run).
+    mrml.vbmd_chart_node(["L1"], [100.0], ctx.scene, chart_node=chart)
+    assert chart.GetNumberOfPlotSeriesNodes() == 3
+    assert mrml.chart_series(chart)["vBMD"]["y"] == pytest.approx([100.0])
+
+
+# --- small helpers -----------------------------------------------------------------------------
+def test_dicom_age_and_sex_parsing():
+    assert mrml.age_years_from_dicom("065Y") == 65
+    assert mrml.age_years_from_dicom("018M") == pytest.approx(1.5)
+    assert mrml.age_years_from_dicom("") is None and mrml.age_years_from_dicom("abc") is None
+    assert mrml.sex_from_dicom("F") == "female" and mrml.sex_from_dicom("O") is None
+
+
+def test_summary_line_states_pair_value_and_category():
+    line = summary_line({"vbmd_l1_l2": 96.04, "levels_used": ["L1", "L2"], "category": "osteopenia",
+                         "t_score": -2.1, "z_score": -0.4, "bmd_age": 71.2})
+    assert line == "L1-L2 vBMD 96.0 mg/cm3 | osteopenia | T -2.1 | Z -0.4 | BMD age 71 y"
+    assert "No lumbar pair" in summary_line({"vbmd_l1_l2": None})
+
+
+def test_dependencies_install_only_after_consent():
+    reqs = {"spinekit_surely_missing_pkg": "spinekit-surely-missing-pkg", "numpy": "numpy"}
+    asked, installed = [], []
+    assert dependencies.missing(reqs) == {"spinekit_surely_missing_pkg": "spinekit-surely-missing-pkg"}
+    ok = dependencies.ensure(reqs, confirm=lambda msg: asked.append(msg) or False, installer=installed.append)
+    assert ok is False and installed == [] and "spinekit-surely-missing-pkg" in asked[0]
+    ok = dependencies.ensure(reqs, confirm=lambda msg: True, installer=installed.append)
+    assert installed == [["spinekit-surely-missing-pkg"]] and ok is False  # still missing: fake installer
+    assert dependencies.ensure({"numpy": "numpy"}, confirm=lambda m: 1 / 0, installer=lambda r: 1 / 0)
+
+
+def test_background_run_reports_progress_and_cancel_sticks():
+    def work(progress):
+        for i in range(200):
+            progress(i / 200, f"step {i}")
+            time.sleep(0.005)
+        return "finished"
+
+    run = BackgroundRun(work).start()
+    time.sleep(0.05)
+    state = run.state()
+    assert 0 < state.fraction < 1 and state.message.startswith("step")
+    run.cancel()
+    final = run.wait(5)
+    assert final.done and final.cancelled and final.result is None
+    done = BackgroundRun(lambda p: (p(0.5, "half"), "ok")[1]).start().wait(5)
+    assert done.done and not done.cancelled and done.result == "ok"
+    failed = BackgroundRun(lambda p: 1 / 0).start().wait(5)
+    assert isinstance(failed.error, ZeroDivisionError) and "ZeroDivisionError" in failed.traceback
+
+
+# --- the Logic on a phantom and on real CT -----------------------------------------------------
+PHANTOM_DENSITIES = {"T12": 150.0, "L1": 110.0, "L2": 70.0, "L3": 130.0}
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    phantom_mod = pytest.importorskip("spinekit.phantom", reason="CT phantom not available yet")
+    if not hasattr(phantom_mod, "generate_ct_phantom"):
+        pytest.skip("spinekit.phantom.generate_ct_phantom not available yet")
+    cfg = phantom_mod.CTPhantomConfig(first_level="T12", last_level="L3", spacing_mm=(2.0, 2.0, 2.0),
+                                      effective_kev=70, noise_hu=10, densities_mg_cm3=PHANTOM_DENSITIES,
+                                      contrast_phase="native", seed=0)
+    return phantom_mod.generate_ct_phantom(cfg)
+
+
+def _phantom_run(phantom):
+    ctx = mrml.new_scene()
+    volume = mrml.volume_node_from_image(phantom.image, ctx.scene, "phantom CT")
+    seg = mrml.labels_to_segmentation_node(phantom.vertebrae, volume, bodies=phantom.bodies)
+    logic = SpineBMDLogic(ctx.scene)
+    results = logic.process(volume, segmentationNode=seg, phase="native", age=65, sex="F")
+    return ctx, volume, seg, logic, results
+
+
+def test_logic_on_phantom_volume_node(phantom):
+    ctx, volume, seg, logic, results = _phantom_run(phantom)
+    # Segments: one per phantom level, over the right vertebra in RAS: the truth body centroid
+    # (LPS, flipped to RAS) lies inside that level's segment and inside no other.
+    levels = list(PHANTOM_DENSITIES)
+    assert set(mrml.segment_ids_by_level(seg)) == set(levels)
+    for level in levels:
+        ras = mrml.lps_to_ras(np.asarray(phantom.truth["levels"][level]["centroid_lps_mm"]))
+        assert [segment_contains_ras(seg, other, ras) for other in levels] == [other == level for other in levels]
+        # ... and the segment's own centroid is closer to this level's truth than to any other's.
+        centroid = segment_centroid_ras(seg, level)
+        dist = {o: np.linalg.norm(centroid - mrml.lps_to_ras(np.asarray(phantom.truth["levels"][o]["centroid_lps_mm"])))
+                for o in levels}
+        assert min(dist, key=dist.get) == level
+    # Table: levels.csv columns, units, the measured values, vBMD close to the truth.
+    table = results.tableNode
+    assert mrml.table_column(table, "level") == [r.level for r in results.bmd.levels]
+    assert table.GetColumnUnitLabel("vbmd_mg_cm3") == "mg/cm3"
+    assert table.GetColumnUnitLabel("body_volume_cm3") == "cm3"
+    for level, density in PHANTOM_DENSITIES.items():
+        row = mrml.table_column(table, "level").index(level)
+        measured = mrml.table_column(table, "vbmd_mg_cm3")[row]
+        assert measured == pytest.approx(results.level(level).vbmd_mg_cm3)
+        assert measured == pytest.approx(density, abs=15.0), level
+    # Chart: the same numbers, cranio-caudal.
+    series = mrml.chart_series(results.chartNode)["vBMD"]
+    assert series["labels"] == [r.level for r in sorted(results.bmd.levels, key=lambda r: lv.order_index(r.level))]
+    assert results.summary_line.startswith("L1-L2 vBMD")
+    assert json.loads(table.GetAttribute("spinekit.summary"))["levels_used"]
+
+
+def test_recompute_after_removing_voxels_from_one_segment(phantom):
+    ctx, volume, seg, logic, first = _phantom_run(phantom)
+    l1 = mrml.segment_mask(seg, "L1", volume)
+    zs = np.nonzero(l1.any(axis=(1, 2)))[0]
+    cut = l1.copy()
+    cut[zs[len(zs) // 2]:] = False  # erase the cranial half of L1, as in Segment Editor
+    mrml.set_segment_mask(seg, "L1", cut, volume)
+    second = logic.recompute(volume, seg, phase="native", age=65, sex="F")
+    assert second.segmentationNode is seg  # the user's edit is kept, not overwritten
+    before, after = first.level("L1"), second.level("L1")
+    assert after.body_volume_cm3 < 0.75 * before.body_volume_cm3
+    assert after.roi_voxels < before.roi_voxels
+    assert after.vbmd_mg_cm3 != before.vbmd_mg_cm3
+    for level in ("T12", "L2", "L3"):  # untouched levels: same bodies, same volume
+        assert second.level(level).body_volume_cm3 == pytest.approx(first.level(level).body_volume_cm3)
+
+
+def test_logic_on_real_ct_with_totalsegmentator_labels():
+    ct_path = shared_data("ct_abdomen_3mm", "ct.nii.gz")
+    from spinekit.image import read_image
+    from spinekit.segmentation import segment
+
+    image = read_image(ct_path)
+    labels = segment(image, backend="labelmap", labels=shared_data("ct_abdomen_3mm", "ts_vertebrae.nii.gz"),
+                     bodies=shared_data("ct_abdomen_3mm", "ts_vertebrae_body.nii.gz"))
+    ctx = mrml.new_scene()
+    volume = mrml.volume_node_from_image(image, ctx.scene, "abdomen")
+    seg = mrml.labels_to_segmentation_node(labels.vertebrae, volume, bodies=labels.bodies)
+    # Segments cover the TotalSegmentator vertebrae voxel for voxel (via Slicer's export).
+    counts = mrml.segment_voxel_counts(seg, volume)
+    ts = np.bincount(labels.vertebrae.array.ravel(), minlength=256)
+    assert counts == {lv.level_name(v): int(ts[v]) for v in np.nonzero(ts[1:])[0] + 1}
+    # L3 in RAS: the centroid of Slicer's segment equals the label map's LPS centroid flipped.
+    zyx = np.argwhere(labels.vertebrae.array == lv.level_id("L3")).mean(axis=0)
+    lps = image.index_to_physical(zyx[None])[0]
+    assert np.allclose(segment_centroid_ras(seg, "L3"), mrml.lps_to_ras(lps), atol=0.01)
+
+    report = json.loads(shared_data("ct_abdomen_3mm", "ts_spine_report.json").read_text())
+    meta = report["metadata"]
+    results = SpineBMDLogic(ctx.scene).process(volume, segmentationNode=seg, age=float(meta["PatientAge"]),
+                                               sex=meta["PatientSex"])
+    table_levels = mrml.table_column(results.tableNode, "level")
+    volumes = mrml.table_column(results.tableNode, "body_volume_cm3")
+    vbmd = mrml.table_column(results.tableNode, "vbmd_mg_cm3")
+    core = results.bmd.levels_table().set_index("level")
+    for level in ("L1", "L2", "L3", "L4", "L5"):
+        row = table_levels.index(level)
+        assert vbmd[row] == pytest.approx(core.loc[level, "vbmd_mg_cm3"])  # table = core result
+        assert 20.0 < vbmd[row] < 300.0  # adult trabecular bone, any category
+        assert volumes[row] == pytest.approx(core.loc[level, "body_volume_cm3"])
+    assert results.bmd.summary["levels_used"] and results.bmd.summary["t_score"] is not None
+    assert results.chartNode.GetNumberOfPlotSeriesNodes() == 3

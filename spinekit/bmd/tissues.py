@@ -1,0 +1,446 @@
+"""Reference tissues found automatically in a CT: air, subcutaneous fat, paraspinal muscle,
+aorta and IVC (mean HU, SD, voxel count and a QC mask for each).
+
+They feed the phantomless calibration (air / fat / muscle / blood) and the contrast-phase
+detector (aorta vs IVC). Classification uses a lightly smoothed image so that noise does not
+truncate the HU windows; the HU that are reported are robust statistics (median and a
+5-95 % trimmed SD) of the raw voxels inside the eroded regions, away from partial volume.
+
+Work happens on a copy re-oriented to LPS (array [z, y, x] with +x = patient left,
++y = posterior, +z = superior); masks are handed back on the caller's grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+from scipy.signal import fftconvolve
+from scipy.stats import trim_mean
+
+from ..image import Image
+
+TISSUES = ("air", "fat", "muscle", "aorta", "ivc")
+
+# HU windows (on the smoothed image).
+BODY_MIN_HU = -300.0                 # body outline threshold
+AIR_MAX_HU = -850.0                  # room air
+FAT_HU = (-190.0, -30.0)             # adipose tissue
+MUSCLE_HU = (0.0, 100.0)             # skeletal muscle
+BONE_MIN_HU = 200.0                  # spine column (when no vertebra labels are given)
+SOFT_HU = (20.0, 100.0)              # unenhanced blood (30-60 HU) / soft tissue (native vessel search)
+IVC_ENHANCED_MAX_HU = 250.0          # IVC window upper bound on enhanced scans
+ENHANCED_HU = (110.0, 700.0)         # contrast-filled vessel
+# Geometry (mm).
+SMOOTH_SIGMA_MM = 1.2
+AIR_BAND_MM = (8.0, 45.0)            # air sampled this far outside the body surface
+EDGE_MARGIN_MM = 4.0                 # ... and this far from the image border
+FAT_SHELL_MM = (3.0, 25.0)           # subcutaneous fat: this depth below the skin
+MUSCLE_LATERAL_MM = (8.0, 45.0)      # paraspinal muscle: lateral distance from the midline
+MUSCLE_POSTERIOR_MM = (10.0, 90.0)   # ... and posterior distance from the spinal column centre
+VESSEL_RADIUS_MM = (5.0, 18.0)       # aorta / IVC inscribed radius
+IVC_COMPONENT_MAX_RADIUS_MM = 30.0   # IVC blob larger than this disc = merged with the liver
+VESSEL_RADII_MM = (6.0, 8.0, 10.0, 12.0, 14.0)  # lumen radii tried
+VESSEL_CONTRAST_CAP_HU = 60.0        # disc-minus-ring contrast that counts as fully vessel-like
+VESSEL_MIN_SCORE = 0.2               # below this no vessel is accepted (12 HU of contrast)
+MIN_VOXELS = 30                      # a tissue needs at least this many voxels
+
+
+@dataclass
+class ReferenceTissues:
+    hu: dict[str, float] = field(default_factory=dict)
+    sd_hu: dict[str, float] = field(default_factory=dict)
+    voxels: dict[str, int] = field(default_factory=dict)
+    masks: dict[str, np.ndarray] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"hu": {k: round(float(v), 2) for k, v in self.hu.items()},
+                "sd_hu": {k: round(float(v), 2) for k, v in self.sd_hu.items()},
+                "voxels": dict(self.voxels), "missing": list(self.missing), "warnings": list(self.warnings)}
+
+
+_WHY = {
+    "air": "no air outside the body is in the field of view",
+    "fat": "no subcutaneous fat layer was found under the skin",
+    "muscle": "no paraspinal muscle was found behind the spine",
+    "aorta": "no round vessel was found anterior-left of the spine",
+    "ivc": "no round vessel was found anterior-right of the spine",
+}
+
+
+def _missing_sentence(tissue: str) -> str:
+    names = {"air": "Air", "fat": "Subcutaneous fat", "muscle": "Paraspinal muscle",
+             "aorta": "The aorta", "ivc": "The inferior vena cava"}
+    return f"{names[tissue]} reference not found: {_WHY[tissue]}."
+
+
+# --- orientation ------------------------------------------------------------------------------
+def _to_lps(image: Image, arrays: list[np.ndarray | None]):
+    """Re-orient image (and label arrays on its grid) to LPS; returns arrays + a back-mapper."""
+    img = image.to_sitk()
+    orient = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection())
+    if orient == "LPS":
+        return image.array, [a for a in arrays], tuple(image.spacing_zyx_mm), (lambda m: m)
+
+    def reorient(arr, target):
+        s = sitk.GetImageFromArray(arr.astype(np.uint8) if arr.dtype == bool else arr)
+        s.CopyInformation(img)
+        return sitk.GetArrayFromImage(sitk.DICOMOrient(s, target))
+
+    ct = sitk.DICOMOrient(img, "LPS")
+    spacing = tuple(reversed(ct.GetSpacing()))
+    out = [None if a is None else reorient(np.asarray(a), "LPS") for a in arrays]
+
+    def back(mask: np.ndarray) -> np.ndarray:
+        s = sitk.GetImageFromArray(mask.astype(np.uint8))
+        s.CopyInformation(ct)
+        return sitk.GetArrayFromImage(sitk.DICOMOrient(s, orient)).astype(bool)
+
+    return sitk.GetArrayFromImage(ct), out, spacing, back
+
+
+def _disk(radius_mm: float, spacing_yx: tuple[float, float]) -> np.ndarray:
+    ry = max(int(round(radius_mm / spacing_yx[0])), 0)
+    rx = max(int(round(radius_mm / spacing_yx[1])), 0)
+    y, x = np.ogrid[-ry:ry + 1, -rx:rx + 1]
+    return ((y * spacing_yx[0]) ** 2 + (x * spacing_yx[1]) ** 2) <= radius_mm ** 2 + 1e-6
+
+
+def _erode_inplane(mask: np.ndarray, radius_mm: float, spacing: tuple) -> np.ndarray:
+    if radius_mm <= 0:
+        return mask
+    st = _disk(radius_mm, spacing[1:])[None]
+    if st.sum() <= 1:  # radius below one voxel: no erosion possible
+        return mask
+    return ndi.binary_erosion(mask, structure=st)
+
+
+def _robust_stats(values: np.ndarray) -> tuple[float, float]:
+    v = np.asarray(values, float)
+    # 10 % trimmed mean: robust like a median, but not quantised to whole HU like the median
+    # of integer CT numbers
+    center = float(trim_mean(v, 0.1))
+    lo, hi = np.percentile(v, [5, 95])
+    core = v[(v >= lo) & (v <= hi)]
+    # SD of the 5-95 % core of a normal sample is 0.79 of the full SD
+    return center, float(np.std(core) / 0.79) if core.size > 2 else float(np.std(v))
+
+
+# --- the steps --------------------------------------------------------------------------------
+def body_mask(smooth: np.ndarray, spacing: tuple) -> np.ndarray:
+    """Largest connected non-air object, holes filled per slice (lungs and bowel gas inside)."""
+    m = smooth > BODY_MIN_HU
+    # a thin opening cuts the patient off the table / blanket before taking the largest object
+    m = ndi.binary_opening(m, structure=_disk(2.0, spacing[1:])[None])
+    lab, n = ndi.label(m)
+    if n == 0:
+        return m
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    m = lab == int(np.argmax(sizes))
+    return np.stack([ndi.binary_fill_holes(s) for s in m])
+
+
+def _spine_track(smooth: np.ndarray, body: np.ndarray, spacing: tuple,
+                 vertebrae: np.ndarray | None, bodies: np.ndarray | None):
+    """Per slice: (x centre, y of the body's anterior edge, y centre of the column) in voxels.
+
+    From the vertebral-body (or vertebra) labels when given; otherwise from the bone column
+    (HU > BONE_MIN_HU) in the central posterior part of the body. Slices without a value
+    (discs, gaps) take the nearest slice's value.
+    """
+    nz, ny, nx = smooth.shape
+    xs = np.full(nz, np.nan)
+    yant = np.full(nz, np.nan)
+    ycen = np.full(nz, np.nan)
+    lab = bodies if bodies is not None and np.any(bodies) else vertebrae
+    if lab is not None and np.any(lab):
+        col = lab > 0
+    else:
+        col = np.zeros_like(body)
+        for z in range(nz):
+            if not body[z].any():
+                continue
+            yy, xx = np.nonzero(body[z])
+            bx = np.median(xx)
+            ylo, yhi = yy.min(), yy.max()
+            strip = np.zeros((ny, nx), bool)
+            half = int(round(35.0 / spacing[2]))
+            strip[int(ylo + 0.35 * (yhi - ylo)):int(yhi - 0.05 * (yhi - ylo)) + 1,
+                  max(int(bx) - half, 0):int(bx) + half + 1] = True
+            # filling the cortical ring makes the vertebral body one solid, largest object
+            bone = ndi.binary_fill_holes(smooth[z] > BONE_MIN_HU) & strip
+            lab2, n = ndi.label(bone)
+            if n:
+                sizes = np.bincount(lab2.ravel())
+                sizes[0] = 0
+                col[z] = lab2 == int(np.argmax(sizes))
+        # keep the column: the largest 3D object of the per-slice picks
+        lab3, n = ndi.label(col)
+        if n:
+            sizes = np.bincount(lab3.ravel())
+            sizes[0] = 0
+            col = lab3 == int(np.argmax(sizes))
+    for z in range(nz):
+        if col[z].sum() < 5:
+            continue
+        yy, xx = np.nonzero(col[z])
+        xs[z] = np.median(xx)
+        ycen[z] = np.median(yy)
+        yant[z] = np.percentile(yy, 2)
+    good = np.isfinite(xs)
+    if not good.any():
+        return None
+    idx = np.arange(nz)
+    near = idx[good][np.argmin(np.abs(idx[:, None] - idx[good][None, :]), axis=1)]
+    return xs[near], yant[near], ycen[near], good
+
+
+def _vessel_box(track, z: int, side: str, spacing: tuple, shape) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1) voxel box anterior of the spine on one side (LPS: +x = patient left)."""
+    xs, yant = track[0], track[1]
+    sy, sx = spacing[1], spacing[2]
+    if not np.isfinite(xs[z]):
+        return None
+    # the lumen centre lies on its own side of the midline (the aorta only a few mm left of it)
+    if side == "left":    # aorta: from the midline to ~50 mm left
+        x0, x1 = xs[z] - 2.0 / sx, xs[z] + 50.0 / sx
+    else:                 # IVC: from ~60 mm right to the midline
+        x0, x1 = xs[z] - 60.0 / sx, xs[z] + 2.0 / sx
+    y0, y1 = yant[z] - 55.0 / sy, yant[z] + 10.0 / sy
+    x0, x1 = int(max(x0, 0)), int(min(x1, shape[2] - 1))
+    y0, y1 = int(max(y0, 0)), int(min(y1, shape[1] - 1))
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return y0, y1, x0, x1
+
+
+def _ring_kernels(r_mm: float, spacing: tuple):
+    """Normalised disc (0.7 r) and annulus (r + 1.5 .. r + 5 mm) kernels for one radius."""
+    sy, sx = spacing[1], spacing[2]
+    R = r_mm + 5.0
+    ry, rx = int(np.ceil(R / sy)), int(np.ceil(R / sx))
+    y, x = np.ogrid[-ry:ry + 1, -rx:rx + 1]
+    d = np.hypot(y * sy, x * sx)
+    disc = d <= max(0.7 * r_mm, 0.75 * min(sy, sx))
+    ring = (d >= r_mm + 1.5) & (d <= R)
+    return disc / disc.sum(), ring / ring.sum(), disc
+
+
+def _conv(a: np.ndarray, k2d: np.ndarray) -> np.ndarray:
+    """In-plane convolution of a stack of slices (FFT; the crop has margin, so zero padding at
+    its edge does not reach the search box)."""
+    return fftconvolve(a, k2d[None], mode="same", axes=(1, 2))
+
+
+def _vessel_score(sm: np.ndarray, raw: np.ndarray, excl: np.ndarray, spacing: tuple, hu_window,
+                  noise_hu: float):
+    """Per voxel of a crop (slices x y x x): how much a round vessel (homogeneous disc brighter
+    than the ring around it, mean HU inside the window) is centred there; best over radii.
+    Returns (score, radius_mm)."""
+    best = np.full(sm.shape, -np.inf, np.float32)
+    best_r = np.zeros(sm.shape, np.float32)
+    keep = (~excl).astype(np.float32)
+    sm_keep = sm * keep
+    raw2 = raw * raw
+    for r in VESSEL_RADII_MM:
+        k_in, k_ring, _ = _ring_kernels(r, spacing)
+        m_in = _conv(sm, k_in)
+        # the ring ignores bone: an aorta lying on the vertebral body still has a dark ring
+        m_ring = _conv(sm_keep, k_ring) / np.maximum(_conv(keep, k_ring), 1e-3)
+        sd_in = np.sqrt(np.maximum(_conv(raw2, k_in) - _conv(raw, k_in) ** 2, 0))
+        bad = _conv(1.0 - keep, k_in) > 0.01
+        contrast = np.minimum(m_in - m_ring, VESSEL_CONTRAST_CAP_HU)
+        score = contrast / VESSEL_CONTRAST_CAP_HU - np.maximum(sd_in / max(noise_hu, 1.0) - 1.5, 0) * 0.5
+        score[(m_in < hu_window[0]) | (m_in > hu_window[1]) | bad] = -np.inf
+        better = score > best
+        best[better] = score[better]
+        best_r[better] = r
+    return best, best_r
+
+
+def _find_vessel(sm: np.ndarray, raw: np.ndarray, excl: np.ndarray, track, spacing: tuple, side: str,
+                 hu_window, noise_hu: float, slab_mm: float = 60.0):
+    """A vertical tube (aorta / IVC) inside a box anterior of the spine on one side.
+
+    The vessel score (homogeneous disc brighter than its ring) is averaged over slabs of
+    ~60 mm along z: a tube gives one steady maximum while bowel or crura come and go. The slab
+    maximum fixes the centre, refined per slice within 6 mm. Returns [(z, y, x, r_mm), ...].
+    """
+    nz, ny, nx = sm.shape
+    sy, sx = spacing[1], spacing[2]
+    rows = [z for z in range(nz) if np.isfinite(track[0][z])]
+    per_slab = max(1, int(round(slab_mm / spacing[0])))
+    out = []
+    start = 0
+    while start < len(rows):
+        zs = rows[start:start + per_slab]
+        if len(rows) - (start + per_slab) < per_slab // 2:
+            zs = rows[start:]  # fold a short tail into the last slab
+        start += len(zs)
+        box = _vessel_box(track, zs[len(zs) // 2], side, spacing, sm.shape)
+        if box is None:
+            continue
+        y0, y1, x0, x1 = box
+        pad_y, pad_x = int(np.ceil(25.0 / sy)), int(np.ceil(25.0 / sx))
+        cy0, cx0 = max(y0 - pad_y, 0), max(x0 - pad_x, 0)
+        cy1, cx1 = min(y1 + pad_y, ny - 1), min(x1 + pad_x, nx - 1)
+        crop = (zs, slice(cy0, cy1 + 1), slice(cx0, cx1 + 1))
+        scores, radii = _vessel_score(sm[crop].astype(np.float64), raw[crop].astype(np.float64), excl[crop],
+                                      spacing, hu_window, noise_hu)
+        inbox = np.zeros(scores.shape[1:], bool)
+        inbox[y0 - cy0:y1 - cy0 + 1, x0 - cx0:x1 - cx0 + 1] = True
+        mean_sc = np.where(np.isfinite(scores), scores, -1.0).mean(axis=0)
+        mean_sc[~inbox] = -np.inf
+        if not np.isfinite(mean_sc).any() or mean_sc.max() < VESSEL_MIN_SCORE:
+            continue
+        cy, cx = np.unravel_index(int(np.argmax(mean_sc)), mean_sc.shape)
+        ry, rx = int(np.ceil(6.0 / sy)), int(np.ceil(6.0 / sx))
+        for k, z in enumerate(zs):
+            sub = np.where(inbox, scores[k], -np.inf)[max(cy - ry, 0):cy + ry + 1, max(cx - rx, 0):cx + rx + 1]
+            if not np.isfinite(sub).any() or sub.max() < VESSEL_MIN_SCORE:
+                continue
+            yy, xx = np.unravel_index(int(np.argmax(sub)), sub.shape)
+            yy, xx = yy + max(cy - ry, 0), xx + max(cx - rx, 0)
+            out.append((z, yy + cy0, xx + cx0, float(radii[k][yy, xx])))
+    return out
+
+
+def _consistent_track(cands, spacing: tuple, max_jump_mm: float = 12.0):
+    """Keep the candidates that agree with the median centre track (a tube along z)."""
+    if not cands:
+        return []
+    arr = np.array(cands, float)
+    my, mx = np.median(arr[:, 1]), np.median(arr[:, 2])
+    dist = np.hypot((arr[:, 1] - my) * spacing[1], (arr[:, 2] - mx) * spacing[2])
+    return [c for c, d in zip(cands, dist) if d <= max_jump_mm]
+
+
+def _vessel_mask(shape, cands, spacing: tuple) -> np.ndarray:
+    """Disc of 70 % of the fitted radius around each centre: the lumen without its wall."""
+    mask = np.zeros(shape, bool)
+    sy, sx = spacing[1], spacing[2]
+    y, x = np.ogrid[:shape[1], :shape[2]]
+    for z, yy, xx, r in cands:
+        rr = max(0.7 * r, 0.75 * min(sy, sx))
+        mask[int(z)] |= ((y - yy) * sy) ** 2 + ((x - xx) * sx) ** 2 <= rr ** 2
+    return mask
+
+
+def find_reference_tissues(image: Image, vertebrae: np.ndarray | None = None,
+                           bodies: np.ndarray | None = None) -> ReferenceTissues:
+    """Air, subcutaneous fat, paraspinal muscle, aorta and IVC in a CT (HU).
+
+    vertebrae / bodies: optional VerSe label arrays on the CT grid; they locate the spine
+    (otherwise the bone column is found by threshold). A tissue that cannot be found goes to
+    ``missing`` with a one-sentence warning naming it; the others are still reported.
+    """
+    res = ReferenceTissues()
+    arr, (vert, bod), spacing, back = _to_lps(image, [vertebrae, bodies])
+    arr = np.asarray(arr, dtype=np.float32)
+    # at least one voxel in-plane so that noise does not punch holes in the HU windows
+    sigma_vox = [0.0] + [max(SMOOTH_SIGMA_MM / s, 1.0) for s in spacing[1:]]
+    smooth = ndi.gaussian_filter(arr, sigma=sigma_vox)
+    body = body_mask(smooth, spacing)
+
+    def keep(name: str, mask: np.ndarray) -> None:
+        n = int(mask.sum())
+        if n < MIN_VOXELS:
+            res.missing.append(name)
+            res.warnings.append(_missing_sentence(name))
+            return
+        med, sd = _robust_stats(arr[mask])
+        res.hu[name], res.sd_hu[name], res.voxels[name] = med, sd, n
+        res.masks[name] = back(mask)
+
+    # air: a band outside the body, away from the image border and behind-the-patient table
+    outside = ~body
+    d_out = ndi.distance_transform_edt(outside, sampling=(1e6, spacing[1], spacing[2]))
+    band = (d_out >= AIR_BAND_MM[0]) & (d_out <= AIR_BAND_MM[1]) & (smooth < AIR_MAX_HU)
+    my, mx = int(round(EDGE_MARGIN_MM / spacing[1])), int(round(EDGE_MARGIN_MM / spacing[2]))
+    border = np.zeros_like(band)
+    border[:, my:arr.shape[1] - my, mx:arr.shape[2] - mx] = True
+    band &= border
+    # anterior and lateral air only: the table and the blanket lie behind the patient
+    if body.any():
+        zz, yy, _ = np.nonzero(body)
+        ymid = np.median(yy)
+        band[:, int(ymid):, :] = False
+    # padding outside the reconstruction circle is a constant far below air (e.g. -2048, -3024)
+    band &= arr > -1500
+    keep("air", band)
+
+    # subcutaneous fat: fat-HU voxels of the outer shell of the body, eroded against partial volume
+    d_in = ndi.distance_transform_edt(body, sampling=(1e6, spacing[1], spacing[2]))
+    shell = (d_in >= FAT_SHELL_MM[0]) & (d_in <= FAT_SHELL_MM[1])
+    fat = shell & (smooth >= FAT_HU[0]) & (smooth <= FAT_HU[1])
+    fat_e = _erode_inplane(fat, 1.5 * max(spacing[1], 1.0) if spacing[1] < 1.5 else spacing[1], spacing)
+    if fat_e.sum() < MIN_VOXELS:
+        fat_e = _erode_inplane(fat, min(spacing[1], spacing[2]), spacing)
+    keep("fat", fat_e)
+
+    track = _spine_track(smooth, body, spacing, vert, bod)
+    if track is None:
+        for name in ("muscle", "aorta", "ivc"):
+            res.missing.append(name)
+        res.warnings.append("The spine was not found, so paraspinal muscle, aorta and IVC references are missing.")
+        return res
+    xs, yant, ycen, _ = track
+    nz, ny, nx = arr.shape
+    sy, sx = spacing[1], spacing[2]
+
+    # paraspinal muscle: muscle-HU voxels behind the column centre, beside the midline
+    spine = None
+    if vert is not None and np.any(vert):
+        spine = vert > 0
+    elif bod is not None and np.any(bod):
+        spine = bod > 0
+    yidx = np.arange(ny)[None, :, None]
+    xidx = np.arange(nx)[None, None, :]
+    dy = (yidx - ycen[:, None, None]) * sy
+    dx = np.abs(xidx - xs[:, None, None]) * sx
+    region = ((dy >= MUSCLE_POSTERIOR_MM[0]) & (dy <= MUSCLE_POSTERIOR_MM[1])
+              & (dx >= MUSCLE_LATERAL_MM[0]) & (dx <= MUSCLE_LATERAL_MM[1]))
+    muscle = region & body & (smooth >= MUSCLE_HU[0]) & (smooth <= MUSCLE_HU[1]) & (d_in > FAT_SHELL_MM[0] + 5.0)
+    if spine is not None:
+        muscle &= ~ndi.binary_dilation(spine, structure=_disk(3.0, spacing[1:])[None])
+    else:
+        muscle &= ~ndi.binary_dilation(smooth > BONE_MIN_HU, structure=_disk(3.0, spacing[1:])[None])
+    muscle_e = _erode_inplane(muscle, max(spacing[1], 1.5), spacing)
+    # the two largest connected pieces (left and right erector spinae)
+    lab, n = ndi.label(muscle_e)
+    if n > 2:
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        big = np.argsort(sizes)[::-1][:2]
+        muscle_e = np.isin(lab, big[sizes[big] > 0.1 * sizes[big[0]]])
+    keep("muscle", muscle_e)
+
+    # aorta: bright (enhanced) or soft-tissue round vessel anterior-left of the vertebral body
+    exclude = None
+    if spine is not None:
+        exclude = ndi.binary_dilation(spine, structure=_disk(2.0, spacing[1:])[None])
+    else:
+        exclude = ndi.binary_dilation(smooth > 350.0, structure=_disk(2.0, spacing[1:])[None])
+    # noise from the muscle region (or a default) scales the homogeneity term
+    noise = res.sd_hu.get("muscle", 20.0)
+    enh = _consistent_track(_find_vessel(smooth, arr, exclude, track, spacing, "left", ENHANCED_HU, noise), spacing)
+    soft = _consistent_track(_find_vessel(smooth, arr, exclude, track, spacing, "left", SOFT_HU, noise), spacing)
+    n_slices = int(np.isfinite(xs).sum())
+    # an enhanced aorta is a bright tube through most of the slices, not a few bright spots
+    enhanced = len(enh) >= max(3, 0.5 * len(soft), 0.3 * n_slices)
+    aorta_c = enh if enhanced else soft
+    aorta = _vessel_mask(arr.shape, aorta_c, spacing) if aorta_c else np.zeros(arr.shape, bool)
+    keep("aorta", aorta)
+
+    # IVC: round vessel anterior-right; on enhanced scans anywhere from unenhanced to aorta-bright
+    excl2 = exclude | ndi.binary_dilation(aorta, structure=_disk(6.0, spacing[1:])[None])
+    window = (SOFT_HU[0], IVC_ENHANCED_MAX_HU if enhanced else SOFT_HU[1])
+    best = _consistent_track(_find_vessel(smooth, arr, excl2, track, spacing, "right", window, noise), spacing)
+    ivc = _vessel_mask(arr.shape, best, spacing) if best else np.zeros(arr.shape, bool)
+    keep("ivc", ivc)
+    return res

@@ -1,0 +1,707 @@
+"""The default CT vertebra segmentation + level naming backend ("builtin": classic image
+processing, no weights, works offline).
+
+Pipeline (all on an internal axis-aligned LPS grid of ~1.5-2 mm, labels mapped back at the end):
+1. check the input is a CT in HU; resample to the working grid (z up, y posterior, x left);
+2. bone = smoothed HU above a cortical threshold; per-slice hole filling turns cortical rings
+   into solid bone, so low-density (osteoporotic) bodies are found by their shell;
+3. spinal canal = soft tissue enclosed by bone in all 8 in-plane directions, near the midline,
+   the most posterior such blob per slice; tracked along z (median filter + interpolation);
+4. column = filled bone in a box around the canal, minus the canal itself; body = the column
+   part anterior to the canal's anterior wall;
+5. discs = minima of the body-bone profile along the arc length of the body centreline
+   (slabs perpendicular to the centreline, so lordosis does not smear the discs);
+6. bodies split at the discs; posterior elements joined to their body by a marker watershed;
+7. names from anchors: sacrum (wide alae below the lowest disc) -> L5, lowest rib-bearing
+   vertebra -> T12; with no anchor in view the names are a guess marked uncertain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+from scipy.signal import find_peaks
+
+from .. import levels as lv
+from ..errors import InputError
+from ..image import Image
+from ..progress import Progress, report
+from .base import LevelRecord, SegmentationResult
+
+BONE_HU = 180.0          # cortical shell / dense trabecular bone after light smoothing
+TRABECULAR_HU = 115.0    # normal trabecular bone; discs (~85 HU) and muscle stay below
+SOFT_LOW_HU = -250.0     # canal content (CSF, cord, epidural fat) lies above this
+CANAL_AREA_MM2 = (25.0, 700.0)
+MIDLINE_BAND_MM = 45.0   # canal centre within this distance of the torso centre (scoliosis)
+ROI_ANTERIOR_MM = 70.0   # column box around the canal centre
+ROI_POSTERIOR_MM = 55.0
+ROI_LATERAL_MM = 50.0
+MIN_VERTEBRA_MM = 12.0
+DISC_DEPTH = 0.45        # a disc slab holds under half the bone of the bodies next to it
+WEAK_DISC_DEPTH = 0.85   # a tilted / narrow disc, accepted where the disc spacing expects one
+ALA_FRACTION = 0.25      # share of a segment's bone lateral-anterior (sacral alae)
+DEFAULT_PITCH_MM = 30.0
+TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # vertebra + disc height when too few discs are seen to measure it   # shortest vertebra segment kept (crush fractures included)
+
+
+@dataclass
+class _Grid:
+    """The internal working grid: axis-aligned LPS, isotropic spacing."""
+    hu: np.ndarray           # float32 [z, y, x], z superior, y posterior, x left
+    fov: np.ndarray          # bool, True where the input image had data
+    spacing_mm: float
+    reference: sitk.Image    # the working grid geometry (for mapping labels back)
+
+
+@dataclass
+class _Segment:
+    s_lo: float
+    s_hi: float
+    label: int = 0           # working index 1..n (caudal -> cranial)
+    name: str = ""
+    ribs: int = 0
+    flags: list = field(default_factory=list)
+
+
+# --- input checks and the working grid ---------------------------------------------------------
+def _check_ct(image: Image) -> None:
+    modality = str(image.metadata.get("Modality", "") or "").strip().upper()
+    if modality and modality != "CT":
+        raise InputError(f"the image is {modality}, not CT; the builtin backend segments CT images in HU only.")
+    if image.ndim != 3:
+        raise InputError(f"the image is {image.ndim}D; the builtin backend needs a 3D CT volume.")
+    arr = image.array
+    step = max(1, int(round((arr.size / 2e6) ** (1 / 3))))
+    sample = np.asarray(arr[::step, ::step, ::step], dtype=np.float32)
+    low = float(np.mean(sample < -500))
+    # A CT in HU holds air (about -1000) around or inside the patient; MR and non-HU data do not.
+    if low < 1e-4 or float(sample.min()) < -3100 or float(sample.max()) < 0:
+        raise InputError("the image intensities are not CT Hounsfield units (no air below -500 HU); "
+                         "the builtin backend segments CT images only.")
+
+
+def _working_grid(image: Image, spacing_mm: float) -> _Grid:
+    src = image.to_sitk()
+    src = sitk.Cast(src, sitk.sitkFloat32)
+    size = np.array(src.GetSize())
+    corners = np.array([[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)],
+                       dtype=float)
+    pts = np.array([src.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners])
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    out_size = [int(np.ceil((hi[d] - lo[d]) / spacing_mm)) + 1 for d in range(3)]
+    ref = sitk.Image(out_size, sitk.sitkUInt8)
+    ref.SetSpacing([spacing_mm] * 3)
+    ref.SetOrigin(lo.tolist())
+    ref.SetDirection(np.eye(3).ravel().tolist())
+    # Smoothing before downsampling avoids aliasing thin cortex away.
+    native = np.array(src.GetSpacing())
+    sig = [float(max(0.0, (spacing_mm ** 2 - s ** 2)) ** 0.5 / 2.355) for s in native]
+    if max(sig) > 0.05:
+        src = sitk.SmoothingRecursiveGaussian(src, [max(s, 1e-3) for s in sig])
+    hu = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
+    ones = sitk.Image(src.GetSize(), sitk.sitkUInt8) + 1
+    ones.CopyInformation(src)
+    fov = sitk.Resample(ones, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return _Grid(sitk.GetArrayFromImage(hu), sitk.GetArrayFromImage(fov).astype(bool), spacing_mm, ref)
+
+
+def _to_native(labels: np.ndarray, grid: _Grid, image: Image) -> np.ndarray:
+    lab = sitk.GetImageFromArray(labels.astype(np.uint8))
+    lab.CopyInformation(grid.reference)
+    target = image.to_sitk() if image.array.dtype != bool else image.with_array(image.array.astype(np.uint8)).to_sitk()
+    out = sitk.Resample(lab, target, sitk.Transform(), sitk.sitkLabelGaussian, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(out)
+
+
+# --- masks -------------------------------------------------------------------------------------
+_SLICE = np.zeros((3, 3, 3), bool)
+_SLICE[1] = ndi.generate_binary_structure(2, 1)
+_SLICE8 = np.zeros((3, 3, 3), bool)
+_SLICE8[1] = True
+
+
+def _body_mask(hu: np.ndarray) -> np.ndarray:
+    body = hu > -400
+    lab, n = ndi.label(body)
+    if n == 0:
+        return body
+    counts = np.bincount(lab.ravel())
+    counts[0] = 0
+    body = lab == int(np.argmax(counts))
+    return ndi.binary_fill_holes(body, structure=_SLICE)
+
+
+def _enclosed(bone: np.ndarray, reach_vox: int) -> np.ndarray:
+    """Number of the 8 in-plane directions in which bone is met within reach (per voxel)."""
+    count = np.zeros(bone.shape, np.uint8)
+    for dy, dx in ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1)):
+        hit = np.zeros_like(bone)
+        reach = reach_vox if dy == 0 or dx == 0 else max(1, int(round(reach_vox / 1.414)))
+        for k in range(1, reach + 1):
+            sh = np.zeros_like(bone)
+            ys = slice(max(0, -dy * k), bone.shape[1] - max(0, dy * k))
+            yd = slice(max(0, dy * k), bone.shape[1] - max(0, -dy * k))
+            xs = slice(max(0, -dx * k), bone.shape[2] - max(0, dx * k))
+            xd = slice(max(0, dx * k), bone.shape[2] - max(0, -dx * k))
+            # sh[z, y, x] = bone[z, y + dy*k, x + dx*k]
+            sh[:, ys, xs] = bone[:, yd, xd]
+            hit |= sh
+        count += hit
+    return count
+
+
+def _smooth_track(z_idx: np.ndarray, values: np.ndarray, nz: int, window: int) -> np.ndarray:
+    """Median-filter a sparse per-slice track and interpolate it over all slices."""
+    order = np.argsort(z_idx)
+    z_idx, values = z_idx[order], values[order]
+    if len(values) >= 3:
+        med = ndi.median_filter(values, size=min(window, len(values) | 1), mode="nearest")
+    else:
+        med = values
+    return np.interp(np.arange(nz), z_idx, med)
+
+
+def _track_canal(hu, bone, body, sp):
+    """Per-slice canal centre (y, x), radius and anterior wall, or None when not found."""
+    nz = hu.shape[0]
+    zz, yy, xx = np.nonzero(body)
+    if zz.size == 0:
+        return None
+    # Torso centre per slice (left-right) and its anterior-posterior extent.
+    cnt = np.bincount(zz, minlength=nz).astype(float)
+    has = cnt > 0
+    xc = np.bincount(zz, weights=xx, minlength=nz) / np.maximum(cnt, 1)
+    y_front = np.full(nz, np.inf)
+    y_back = np.full(nz, -np.inf)
+    np.minimum.at(y_front, zz, yy)
+    np.maximum.at(y_back, zz, yy)
+    del zz, yy, xx
+
+    enc = _enclosed(bone, int(round(25.0 / sp)))
+
+    def candidates(min_dirs):
+        cand = (enc >= min_dirs) & ~bone & (hu > SOFT_LOW_HU) & body
+        lab, n = ndi.label(cand, structure=_SLICE)
+        if n == 0:
+            return np.zeros((0, 5))
+        objs = ndi.find_objects(lab)
+        idx = np.arange(1, n + 1)
+        area = ndi.sum_labels(np.ones(lab.shape, np.float32), lab, idx) * sp * sp
+        com = np.array(ndi.center_of_mass(cand, lab, idx))
+        rows = []
+        for a, c, o in zip(area, com, objs):
+            if not (CANAL_AREA_MM2[0] <= a <= CANAL_AREA_MM2[1]):
+                continue
+            z = int(round(c[0]))
+            if not has[z] or abs(c[2] - xc[z]) * sp > MIDLINE_BAND_MM:
+                continue
+            # Posterior half of the torso: the spine lies behind the abdominal / thoracic centre.
+            if c[1] < 0.5 * (y_front[z] + y_back[z]):
+                continue
+            rows.append((z, c[1], c[2], a, o[1].start))
+        return np.array(rows) if rows else np.zeros((0, 5))
+
+    rows8 = candidates(8)
+    if len(rows8) == 0:
+        return None
+    rows7 = candidates(7)
+    # Seed: a slice whose most posterior candidate agrees with the robust (median) track.
+    best = {}
+    for r in rows8:
+        z = int(r[0])
+        if z not in best or r[1] > best[z][1]:
+            best[z] = r
+    first = np.array([best[z] for z in sorted(best)])
+    win = max(3, int(round(40.0 / sp)) | 1)
+    if len(first) < 3:
+        return None
+    ty = _smooth_track(first[:, 0], first[:, 1], nz, win)
+    tx = _smooth_track(first[:, 0], first[:, 2], nz, win)
+    dev = np.hypot(first[:, 1] - ty[first[:, 0].astype(int)], first[:, 2] - tx[first[:, 0].astype(int)])
+    mid = np.abs(np.arange(len(first)) - len(first) / 2) < max(1, len(first) / 3)
+    seed = first[int(np.argmin(np.where(mid, dev, np.inf)))]
+    by_z8: dict[int, list] = {}
+    for r in rows8:
+        by_z8.setdefault(int(r[0]), []).append(r)
+    by_z7: dict[int, list] = {}
+    for r in rows7:
+        by_z7.setdefault(int(r[0]), []).append(r)
+    # Walk up and down from the seed, taking the nearest candidate that continues the canal
+    # (sacral foramina and other enclosed pockets lie off the track).
+    picked = {int(seed[0]): seed}
+    for step in (1, -1):
+        pos = seed[1:3].copy()
+        vel = np.zeros(2)          # drift per slice (lordosis, scoliosis), from recent picks
+        hist = [(int(seed[0]), seed[1:3].copy())]
+        z = int(seed[0])
+        gap = 0
+        while 0 <= z + step < nz and gap * sp < 40.0:
+            z += step
+            gap += 1
+            pred = pos + vel * gap
+            limit = (7.0 + 1.0 * gap * sp) / sp
+            chosen = None
+            for pool in (by_z8.get(z, []), by_z7.get(z, [])):
+                dists = [np.hypot(r[1] - pred[0], r[2] - pred[1]) for r in pool]
+                if dists and min(dists) < limit:
+                    chosen = pool[int(np.argmin(dists))]
+                    break
+            if chosen is not None:
+                picked[z] = chosen
+                pos = chosen[1:3].copy()
+                gap = 0
+                hist.append((z, pos.copy()))
+                back = [h for h in hist if abs(h[0] - z) * sp <= 20.0]
+                if len(back) >= 3:
+                    dz = abs(back[-1][0] - back[0][0])
+                    vel = np.clip((back[-1][1] - back[0][1]) / max(dz, 1), -1.0, 1.0)
+    sel = np.array([picked[z] for z in sorted(picked)])
+    z_sel = sel[:, 0]
+    if (z_sel.max() - z_sel.min()) * sp < 20.0 or len(sel) < max(3, int(10.0 / sp)):
+        return None
+    cy = _smooth_track(z_sel, sel[:, 1], nz, win)
+    cx = _smooth_track(z_sel, sel[:, 2], nz, win)
+    rad = np.sqrt(_smooth_track(z_sel, sel[:, 3], nz, win) / np.pi) / sp
+    front = _smooth_track(z_sel, sel[:, 4], nz, win)
+    return dict(cy=cy, cx=cx, rad=rad, front=front, z_lo=int(z_sel.min()), z_hi=int(z_sel.max()))
+
+
+def _curve_coordinates(cz, cy, cx, sp):
+    """Arc length and unit tangent (z, y, x) of a per-slice centre curve, in mm."""
+    pts = np.stack([cz, cy, cx], axis=1) * sp
+    d = np.gradient(pts, axis=0)
+    t = d / np.linalg.norm(d, axis=1, keepdims=True)
+    seg = np.linalg.norm(np.diff(pts, axis=0), axis=1)
+    s = np.concatenate([[0.0], np.cumsum(seg)])
+    return s, t
+
+
+def _find_discs(prof: np.ndarray, sp: float) -> list[int]:
+    """Disc positions (profile bins) = minima of the body-bone profile along the centreline."""
+    bw = sp
+    nb = len(prof)
+    ref = np.percentile(prof[prof > 0], 75) if np.any(prof > 0) else 1.0
+    # A disc empties the body slab almost completely; a mid-body dip (bright endplates on both
+    # sides) does not. Minima well below the maxima on both sides are sure discs; weaker minima
+    # are accepted only where the spacing of the sure discs says a disc is missing.
+    peaks, _ = find_peaks(-prof, distance=max(1, int(round(6.0 / bw))))
+    reach = max(2, int(round(20.0 / bw)))
+    ratio = {}
+    for p in peaks:
+        if p < 2 or p > nb - 3:
+            continue
+        left = prof[max(0, p - reach):p].max()
+        right = prof[p + 1:p + 1 + reach].max()
+        if min(left, right) > 0.15 * ref:
+            ratio[int(p)] = prof[p] / min(left, right)
+    sure = sorted(p for p, r in ratio.items() if r < DISC_DEPTH)
+    chosen: list[int] = []
+    for p in sorted(sure, key=lambda p: ratio[p]):
+        if all(abs(p - q) * bw >= MIN_VERTEBRA_MM for q in chosen):
+            chosen.append(p)
+    chosen.sort()
+
+    def pitch_near(p):
+        if len(chosen) < 2:
+            return DEFAULT_PITCH_MM / bw
+        gaps = np.diff(chosen)
+        mids = (np.array(chosen[:-1]) + np.array(chosen[1:])) / 2
+        return float(np.median(gaps[np.argsort(np.abs(mids - p))[:2]]))
+
+    weak = [p for p, r in ratio.items() if r < WEAK_DISC_DEPTH and p not in chosen]
+    changed = True
+    while changed and weak:
+        changed = False
+        ends = [0] + chosen + [nb - 1]
+        for a, b in zip(ends[:-1], ends[1:]):
+            pitch = pitch_near((a + b) / 2)
+            if (b - a) < 1.5 * pitch:
+                continue
+            # Expected disc one pitch away from a sure disc (or the profile end).
+            targets = ([a + pitch] if a in chosen else []) + ([b - pitch] if b in chosen else [])
+            best = None
+            for p in weak:
+                if not (a < p < b) or min(p - a, b - p) * bw < MIN_VERTEBRA_MM:
+                    continue
+                dist = min((abs(p - t) for t in targets), default=0.0)
+                if dist <= 0.3 * pitch and (best is None or ratio[p] < ratio[best]):
+                    best = p
+            if best is not None:
+                chosen.append(best)
+                chosen.sort()
+                weak.remove(best)
+                changed = True
+                break
+    return chosen
+
+
+# --- naming ------------------------------------------------------------------------------------
+def _names_from(anchor_index: int, anchor_name: str, n: int) -> list[str]:
+    """Names for segments 0..n-1 (caudal -> cranial) given one anchored segment."""
+    seq = lv.CERVICAL + lv.THORACIC + lv.LUMBAR + ("sacrum",)
+    a = seq.index(anchor_name)
+    out = []
+    for i in range(n):
+        j = a - (i - anchor_index)   # cranial segments go up the list
+        out.append(seq[j] if 0 <= j < len(seq) else "")
+    return out
+
+
+def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_levels: int = 1) -> SegmentationResult:
+    """Segment and name the vertebrae of a CT (HU) with classic image processing.
+
+    Returns whole-vertebra and vertebral-body label maps (VerSe ids) on the input grid and one
+    LevelRecord per level. Raises InputError for non-CT input, or when no vertebral column (or
+    fewer than ``min_levels`` vertebrae) is found.
+    """
+    import os
+    _check_ct(image)
+    report(progress, 0.0, "builtin: resampling")
+    native_min = float(min(image.spacing_mm))
+    sp = float(min(max(native_min, 1.5), 2.0))
+    grid = _working_grid(image, sp)
+    hu = grid.hu
+    warnings: list[str] = []
+
+    report(progress, 0.15, "builtin: bone and canal")
+    body = _body_mask(hu)
+    bone = (hu > BONE_HU) & body
+    if bone.sum() * sp ** 3 < 20000.0:
+        raise InputError("no vertebral column found in the CT (too little bone in view).")
+    canal = _track_canal(hu, bone, body, sp)
+    if canal is None:
+        raise InputError("no vertebral column found in the CT (no bone-enclosed spinal canal in view).")
+    nz, ny, nx = hu.shape
+    z_lo = max(0, canal["z_lo"] - int(round(40.0 / sp)))
+    z_hi = min(nz - 1, canal["z_hi"] + int(round(40.0 / sp)))
+
+    # --- column mask in a box around the canal -----------------------------------------------
+    report(progress, 0.35, "builtin: vertebral column")
+    hu_s = ndi.gaussian_filter(hu, 1.0 / sp)
+    bone_c = ndi.binary_closing(bone, structure=_SLICE, iterations=1) | bone
+    filled = ndi.binary_fill_holes(bone_c, structure=_SLICE)
+    holes = filled & ~bone_c
+    hl, _ = ndi.label(holes, structure=_SLICE)
+    zr = np.arange(nz)
+    cyi = np.clip(np.round(canal["cy"]).astype(int), 0, ny - 1)
+    cxi = np.clip(np.round(canal["cx"]).astype(int), 0, nx - 1)
+    canal_holes = np.unique(hl[zr, cyi, cxi])
+    canal_holes = canal_holes[canal_holes > 0]
+    canal_mask = np.isin(hl, canal_holes) if canal_holes.size else np.zeros_like(bone)
+    del hl, holes
+    # Solid bone = filled cortical rings (low-density bodies) or trabecular-density voxels.
+    column = ndi.binary_fill_holes(filled | (hu_s > TRABECULAR_HU), structure=_SLICE) & ~canal_mask
+    yy = np.arange(ny)[None, :, None]
+    xx = np.arange(nx)[None, None, :]
+    dy = (yy - canal["cy"][:, None, None]) * sp
+    dx = (xx - canal["cx"][:, None, None]) * sp
+    box = (dy > -ROI_ANTERIOR_MM) & (dy < ROI_POSTERIOR_MM) & (np.abs(dx) < ROI_LATERAL_MM)
+    box[:z_lo] = False
+    box[z_hi + 1:] = False
+    # A disc around the canal (radius + margin) is never bone of the column.
+    canal_disc = (dy ** 2 + dx ** 2) < (np.maximum(canal["rad"], 3.0 / sp)[:, None, None] * sp) ** 2
+    column &= box & ~canal_disc
+    front_mm = (canal["front"][:, None, None] - canal["cy"][:, None, None]) * sp  # negative
+    anterior = dy < front_mm
+    del dy
+
+    # Keep the column: components that reach near the canal.
+    lab, n = ndi.label(column)
+    if n == 0:
+        raise InputError("no vertebral column found in the CT (no bone around the spinal canal).")
+    near = ndi.binary_dilation(canal_disc & box, iterations=max(1, int(round(6.0 / sp))))
+    keep = np.unique(lab[near & column])
+    keep = keep[keep > 0]
+    column = np.isin(lab, keep)
+    del lab, near
+
+    # --- bodies and discs --------------------------------------------------------------------
+    report(progress, 0.5, "builtin: discs and bodies")
+    body_core = column & anterior & (np.abs(dx) < 18.0)
+    zb, yb, xb = np.nonzero(body_core)
+    if zb.size == 0:
+        raise InputError("no vertebral column found in the CT (no vertebral bodies in front of the canal).")
+    cntb = np.bincount(zb, minlength=nz).astype(float)
+    okz = np.nonzero(cntb > 0)[0]
+    bcy = np.bincount(zb, weights=yb, minlength=nz)[okz] / cntb[okz]
+    bcx = np.bincount(zb, weights=xb, minlength=nz)[okz] / cntb[okz]
+    win = max(3, int(round(30.0 / sp)) | 1)
+    by = _smooth_track(okz.astype(float), bcy, nz, win)
+    # Left-right, the body sits in front of the canal (the canal track is the steadier one).
+    bx = canal["cx"].copy()
+    by = ndi.gaussian_filter1d(by, 10.0 / sp)
+    bx = ndi.gaussian_filter1d(bx, 10.0 / sp)
+    s_z, t_z = _curve_coordinates(np.arange(nz, dtype=float), by, bx, sp)
+
+    # Discs are tilted against the centreline normal at the lordotic/kyphotic bends (L5/S1
+    # most): profiles over slabs tilted in the sagittal plane, the deepest one per position.
+    def tilted(t, deg):
+        c, si = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+        return np.stack([t[..., 0] * c - t[..., 1] * si, t[..., 0] * si + t[..., 1] * c, t[..., 2]], axis=-1)
+
+    off = np.stack([np.zeros(zb.size), (yb - by[zb]) * sp, (xb - bx[zb]) * sp], axis=1)
+    s_lo = s_z[zb].min() - 40.0
+    s_hi = s_z[zb].max() + 40.0
+    nb = int(np.ceil((s_hi - s_lo) / sp)) + 1
+    # Weight by density: a tilted disc cut axially looks like a bone ring and gets filled, but
+    # its content (~85 HU) is darker than the bodies' trabecular bone.
+    w_body = np.clip(hu_s[zb, yb, xb] - 50.0, 10.0, 400.0)
+    profiles = []
+    for deg in TILTS_DEG:
+        n_t = tilted(t_z[zb], deg)
+        sv = s_z[zb] + np.sum(off * n_t, axis=1) / np.maximum(np.sum(t_z[zb] * n_t, axis=1), 0.5)
+        bins = np.clip(((sv - s_lo) / sp).astype(int), 0, nb - 1)
+        profiles.append(ndi.gaussian_filter1d(np.bincount(bins, weights=w_body, minlength=nb), 0.75))
+    profiles = np.array(profiles)
+    prof = profiles.min(axis=0)
+    # Trim the empty margins so end effects do not create discs.
+    nzb = np.nonzero(prof > 0.02 * prof.max())[0]
+    b0, b1 = nzb.min(), nzb.max() + 1
+    disc_bins = _find_discs(prof[b0:b1], sp)
+    disc_bins = [d + b0 for d in disc_bins]
+    if os.environ.get("SB_DEBUG"):
+        np.save("/tmp/sb/prof.npy", prof[b0:b1])
+        np.savez("/tmp/sb/dbg.npz", hu=hu, column=column, body_core=body_core, cy=canal["cy"], cx=canal["cx"], by=by, bx=bx, s_z=s_z, t_z=t_z, front=canal["front"])
+    planes = []   # (point zyx in voxels, unit normal zyx)
+    for d in disc_bins:
+        s_d = s_lo + (d + 0.5) * sp
+        zf = float(np.interp(s_d, s_z, np.arange(nz)))
+        zi = int(round(min(max(zf, 0), nz - 1)))
+        deg = TILTS_DEG[int(np.argmin(profiles[:, d]))]
+        n_d = tilted(t_z[zi], deg)
+        planes.append((np.array([zf, by[zi], bx[zi]]), n_d / np.linalg.norm(n_d)))
+
+    def segment_index(z, y, x):
+        idx = np.zeros(z.size, np.int32)
+        pts = np.stack([z, y, x], axis=1).astype(float)
+        for pnt, nrm in planes:
+            idx += ((pts - pnt) @ nrm > 0)
+        return idx
+
+    # Every anterior column voxel (bodies with their full width) gets a segment.
+    za, ya, xa = np.nonzero(column & anterior)
+    seg_a = segment_index(za, ya, xa)
+    counts = np.bincount(seg_a, minlength=len(planes) + 1)
+    # Drop end segments too small to be a vertebra (a cut-off sliver at the field-of-view edge).
+    typical = np.median(counts[counts > 0]) if np.any(counts > 0) else 0
+    keep_seg = [i for i in range(len(counts)) if counts[i] >= 0.25 * typical and counts[i] > 0]
+    if len(keep_seg) < max(1, min_levels):
+        raise InputError(f"no vertebral column found in the CT (found {len(keep_seg)} vertebrae, "
+                         f"need at least {min_levels}).")
+    segs = []
+    lut_seg = np.zeros(len(counts), np.uint8)
+    for j, i in enumerate(keep_seg):
+        segs.append(_Segment(float(i), float(i + 1), label=j + 1))
+        lut_seg[i] = j + 1
+    markers = np.zeros(hu.shape, np.uint8)
+    markers[za, ya, xa] = lut_seg[seg_a]
+    del za, ya, xa, seg_a
+
+    # --- whole vertebrae: watershed from the bodies over the column ----------------------------
+    report(progress, 0.65, "builtin: posterior elements")
+    from skimage.segmentation import watershed
+
+    zs, ys, xs = ndi.find_objects(column.astype(np.uint8))[0]
+    zs = slice(max(0, zs.start - 1), min(nz, zs.stop + 1))
+    crop = (zs, ys, xs)
+    elev = -ndi.gaussian_filter(hu[crop], 0.7)
+    ws = watershed(elev, markers=markers[crop].astype(np.int32), mask=column[crop])
+    # Bone pieces the flood could not reach (detached processes) go to the nearest vertebra.
+    miss = column[crop] & (ws == 0)
+    if miss.any() and (ws > 0).any():
+        _, ind = ndi.distance_transform_edt(ws == 0, return_indices=True)
+        ws[miss] = ws[tuple(i[miss] for i in ind)]
+        del ind
+    vert = np.zeros(hu.shape, np.uint8)
+    vert[crop] = ws.astype(np.uint8)
+    bodies = np.where(anterior & column, markers, 0).astype(np.uint8)
+    del ws, elev
+
+    # --- anchors -----------------------------------------------------------------------------
+    report(progress, 0.8, "builtin: naming levels")
+    _find_ribs(segs, vert, bone, box, sp)
+    sacrum_seg = _find_sacrum(segs, vert, bone, canal, dx, anterior, sp, grid.fov)
+    uncertain = False
+    n = len(segs)
+    rib_idx = [i for i, sg in enumerate(segs) if sg.ribs > 0]
+    # The lowest rib-bearing vertebra is T12 only when a rib-free vertebra is seen below it.
+    t12 = None
+    if rib_idx and rib_idx[0] > (0 if sacrum_seg is None else 1):
+        t12 = rib_idx[0]
+    names: list[str]
+    import os
+    if os.environ.get("SB_DEBUG"): print("DEBUG segs", [(g.label, g.ribs) for g in segs], "sacrum", sacrum_seg, "discs", disc_bins)
+    confidence = 0.95
+    if sacrum_seg is not None and t12 is not None:
+        names = _names_from(sacrum_seg, "sacrum", n)
+        n_lumbar = t12 - sacrum_seg - 1
+        if n_lumbar != 5:
+            warnings.append(f"{n_lumbar} rib-free vertebrae between the sacrum and the last rib-bearing "
+                            "vertebra; lumbar levels named from the sacrum")
+            if n_lumbar in (4, 6):
+                # A transitional spine: lumbar from the sacrum (L6 when six), thoracic from the ribs.
+                # caudal -> cranial; VerSe calls the sixth lumbar vertebra (the lowest) L6.
+                lumb = ["L6", "L5", "L4", "L3", "L2", "L1"] if n_lumbar == 6 else ["L5", "L4", "L3", "L2"]
+                thor = _names_from(t12, "T12", n)
+                for i in range(t12, n):
+                    names[i] = thor[i]
+                for k, i in enumerate(range(sacrum_seg + 1, t12)):
+                    names[i] = lumb[k]
+            for i in range(sacrum_seg + 1, min(n, t12 + 1)):
+                segs[i].flags.append("anchor_conflict")
+            confidence = 0.6
+    elif sacrum_seg is not None:
+        names = _names_from(sacrum_seg, "sacrum", n)
+        confidence = 0.9
+    elif t12 is not None:
+        names = _names_from(t12, "T12", n)
+        confidence = 0.85
+    else:
+        uncertain = True
+        confidence = 0.2
+        names = _guess_names(segs, rib_idx, n)
+        warnings.append("no anatomical anchor (sacrum or last rib) in view; level names are a guess")
+
+    # --- labels in VerSe ids on the native grid ------------------------------------------------
+    report(progress, 0.9, "builtin: writing labels")
+    lut = np.zeros(256, np.uint8)
+    for sg, name in zip(segs, names):
+        sg.name = name
+        if name:
+            lut[sg.label] = lv.level_id(name)
+    vert_native = _to_native(lut[vert], grid, image)
+    body_lut = lut.copy()
+    if sacrum_seg is not None:
+        body_lut[segs[sacrum_seg].label] = lv.level_id("sacrum")
+    bodies_native = _to_native(body_lut[bodies], grid, image)
+    del vert, bodies
+
+    levels = _records(segs, vert_native, bodies_native, image, grid, confidence, uncertain)
+    if len([r for r in levels if r.name != "sacrum"]) < max(1, min_levels):
+        raise InputError(f"no vertebral column found in the CT (found {len(levels)} vertebrae, "
+                         f"need at least {min_levels}).")
+    report(progress, 1.0, "builtin: done")
+    return SegmentationResult(
+        vertebrae=image.with_array(vert_native.astype(np.uint8)),
+        bodies=image.with_array(bodies_native.astype(np.uint8)),
+        levels=levels,
+        backend="builtin",
+        labels_uncertain=uncertain,
+        warnings=warnings,
+    )
+
+
+def _find_ribs(segs, vert, bone, box, sp):
+    """Count ribs per vertebra: long bone pieces outside the column box that touch it."""
+    outside = bone & ~box
+    # Only the band just outside the box's lateral walls counts as a rib root.
+    lab, n = ndi.label(outside)
+    if n == 0:
+        return
+    idx = np.arange(1, n + 1)
+    objs = ndi.find_objects(lab)
+    sizes = ndi.sum_labels(np.ones(lab.shape, np.float32), lab, idx) * sp ** 3
+    contact = ndi.binary_dilation(vert > 0, iterations=max(1, int(round(4.0 / sp)))) & ~box
+    for i, (o, v) in enumerate(zip(objs, sizes)):
+        if o is None or v < 300.0:
+            continue
+        ext = np.array([(sl.stop - sl.start) * sp for sl in o])
+        if ext.max() < 35.0 or v > 200000.0:   # not elongated, or a pelvis / shoulder girdle
+            continue
+        touch = contact[o] & (lab[o] == i + 1)
+        if touch.sum() < 2:
+            continue
+        # The vertebra the rib touches: nearest labelled voxel to the contact points.
+        zt, yt, xt = np.nonzero(touch)
+        zt += o[0].start
+        yt += o[1].start
+        xt += o[2].start
+        r = max(1, int(round(6.0 / sp)))
+        votes = []
+        for z, y, x in zip(zt, yt, xt):
+            w = vert[max(0, z - r):z + r + 1, max(0, y - r):y + r + 1, max(0, x - r):x + r + 1]
+            w = w[w > 0]
+            if w.size:
+                votes.append(np.bincount(w).argmax())
+        if votes:
+            seg_label = np.bincount(votes).argmax()
+            for sg in segs:
+                if sg.label == seg_label:
+                    sg.ribs += 1
+
+
+def _find_sacrum(segs, vert, bone, canal, dx, anterior, sp, fov):
+    """Index of the lowest segment if it is the sacrum (wide alae lateral to the body)."""
+    if len(segs) < 2:
+        return None
+    scores = []
+    for sg in segs[:4]:
+        m = vert == sg.label
+        # Alae: solid bone lateral to the body (25-50 mm from the canal axis) in front of the
+        # canal wall; lumbar transverse processes are thin and sit behind that wall.
+        lat = m & (np.abs(dx) > 25.0) & anterior
+        scores.append(lat.sum() / max(1.0, m.sum()))
+    import os
+    if os.environ.get("SB_DEBUG"): print("DEBUG ala", np.round(scores, 3))
+    # The sacrum has much more lateral-anterior bone than any lumbar vertebra. Sacral
+    # segments (fused, with rudimentary discs) may be split: the highest sacral one counts.
+    sac = [i for i, sc in enumerate(scores) if sc > ALA_FRACTION]
+    if not sac:
+        return None
+    k = max(sac)
+    if k + 1 < len(scores) and scores[k + 1] > 0.5 * scores[k]:
+        return None
+    return k
+
+
+def _guess_names(segs, rib_idx, n):
+    """Best guess without anchors: ribs on every vertebra -> thoracic ending above T12; none ->
+    lumbar ending at L5 (a lumbar-only view usually ends near the sacrum)."""
+    if rib_idx and len(rib_idx) >= n // 2 + 1:
+        # Thoracic view: assume the lowest visible is the one above the last ribbed candidate.
+        top = _names_from(0, "T11", n)
+        return top
+    return _names_from(0, "L5", n)
+
+
+def _records(segs, vert, bodies, image, grid, confidence, uncertain):
+    counts = np.bincount(vert.ravel(), minlength=256)
+    bcounts = np.bincount(bodies.ravel(), minlength=256)
+    # Which native array axis/direction is superior: the truncation side follows from it.
+    sup = image.direction[2, :]            # z (LPS superior) component of each index axis x,y,z
+    axis_xyz = int(np.argmax(np.abs(sup)))
+    axis_arr = 2 - axis_xyz
+    up = sup[axis_xyz] > 0
+    n_ax = vert.shape[axis_arr]
+    out = []
+    seen = set()
+    for sg in segs:
+        if not sg.name or sg.name in seen:
+            continue
+        seen.add(sg.name)
+        vid = lv.level_id(sg.name)
+        if counts[vid] == 0:
+            continue
+        other = tuple(a for a in range(3) if a != axis_arr)
+        present = np.nonzero((vert == vid).any(axis=other))[0]
+        truncated = None
+        if present.max() >= n_ax - 1:
+            truncated = "cranial" if up else "caudal"
+        elif present.min() <= 0:
+            truncated = "caudal" if up else "cranial"
+        flags = list(sg.flags)
+        if truncated:
+            flags.append("truncated")
+        if uncertain:
+            flags.append("label_uncertain")
+        if sg.ribs:
+            flags.append(f"ribs:{sg.ribs}")
+        out.append(LevelRecord(name=sg.name, verse_id=vid, present=True, complete=truncated is None,
+                               truncated=truncated, confidence=confidence, voxels=int(counts[vid]),
+                               body_voxels=int(bcounts[vid]), flags=flags))
+    out.sort(key=lambda r: lv.order_index(r.name))
+    return out
