@@ -203,8 +203,12 @@ class SpineBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not self.logic.ensureDependencies():
                 return
             segmentation = (p.outputSegmentation or p.inputSegmentation) if recompute else p.inputSegmentation
+            dicom = SpineBMDCoreLogic.defaultsFromDicom(p.inputVolume, getattr(slicer, "dicomDatabase", None))
+            options = self.logic.optionsFrom(p)
+            if recompute:
+                options["outputSegmentation"] = None  # measure the edited node, leave it as it is
             self._run, self._runContext = self.logic.start(
-                p.inputVolume, segmentationNode=segmentation, **self.logic.optionsFrom(p))
+                p.inputVolume, segmentationNode=segmentation, metadata=dicom["metadata"], **options)
             self.ui.progressBar.value = 0
             self.ui.progressBar.show()
             self.ui.statusLabel.text = _("Working...")
@@ -214,9 +218,13 @@ class SpineBMDWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _cancelRun(self) -> None:
         if self._run is not None:
             self._run.cancel()
-            self.ui.statusLabel.text = _("Cancelling...")
+            if hasattr(self, "ui"):
+                self.ui.statusLabel.text = _("Cancelling...")
 
     def _poll(self) -> None:
+        if self._run is None:
+            self._timer.stop()
+            return
         state = self._run.state()
         self.ui.progressBar.value = int(100 * state.fraction)
         self.ui.progressBar.setFormat(f"%p% {state.message}")
@@ -344,7 +352,8 @@ class SpineBMDLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def showInViews(results: SpineBMDResults) -> None:
         """CT in the slice views, segments in 2D and 3D, table and chart in the layout."""
-        volume = results.segmentationNode.GetNodeReference("referenceImageGeometryRef")
+        segmentation = results.segmentationNode
+        volume = segmentation.GetNodeReference(segmentation.GetReferenceImageGeometryReferenceRole())
         if volume is not None:
             slicer.util.setSliceViewerLayers(background=volume, fit=True)
         results.segmentationNode.CreateClosedSurfaceRepresentation()

@@ -123,6 +123,11 @@ def test_volume_round_trip_keeps_geometry_and_maps_lps_to_ras(ctx):
     back = mrml.image_from_volume_node(node)
     assert back.same_grid(image, tol_mm=1e-6)
     assert np.array_equal(back.array, image.array) and back.array.dtype == image.array.dtype
+    # DICOM facts travel with the node (asynchronous calibration and the report read them).
+    image.metadata.update({"Manufacturer": "SIEMENS", "KVP": "120", "phantom": True})
+    node2 = mrml.volume_node_from_image(image, ctx.scene, "CT2")
+    meta = mrml.image_from_volume_node(node2).metadata
+    assert meta["Manufacturer"] == "SIEMENS" and meta["KVP"] == "120" and meta["phantom"] is True
 
 
 def test_parent_transform_is_honoured(ctx):
@@ -167,6 +172,8 @@ def test_labels_to_segmentation_names_terminology_colours_geometry(ctx):
     segmentation = seg.GetSegmentation()
     names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
     assert sorted(names, key=lv.order_index) == ["T12", "L1", "L2"]
+    assert segmentation.GetSegment("L1").GetName() == "L1"  # segment ID = level name
+    assert segmentation.GetNumberOfLayers() == 1  # one shared labelmap, as Slicer stores imports
     for level in ("T12", "L1", "L2"):
         segment = segmentation.GetSegment(mrml.segment_ids_by_level(seg)[level])
         assert np.allclose(segment.GetColor(), lv.colour(level), atol=1e-6)
@@ -242,6 +249,7 @@ def test_chart_has_vbmd_and_acr_threshold_series(ctx):
     # Reusing the chart replaces its series (no pile-up on a second run).
     mrml.vbmd_chart_node(["L1"], [100.0], ctx.scene, chart_node=chart)
     assert chart.GetNumberOfPlotSeriesNodes() == 3
+    assert ctx.scene.GetNodesByClass("vtkMRMLPlotSeriesNode").GetNumberOfItems() == 3
     assert mrml.chart_series(chart)["vBMD"]["y"] == pytest.approx([100.0])
 
 
@@ -251,6 +259,55 @@ def test_dicom_age_and_sex_parsing():
     assert mrml.age_years_from_dicom("018M") == pytest.approx(1.5)
     assert mrml.age_years_from_dicom("") is None and mrml.age_years_from_dicom("abc") is None
     assert mrml.sex_from_dicom("F") == "female" and mrml.sex_from_dicom("O") is None
+
+
+class _FakeDicomDatabase:
+    """What Slicer's ctkDICOMDatabase offers the prefill: instance UID -> file."""
+
+    def __init__(self, files):
+        import pydicom
+
+        # (the anonymised test series has empty SOPInstanceUIDs: its file names stand in)
+        self._files = {str(pydicom.dcmread(f, stop_before_pixels=True).get("SOPInstanceUID") or Path(f).name): str(f)
+                       for f in files}
+
+    def fileForInstance(self, uid):
+        return self._files.get(uid, "")
+
+
+def test_dicom_prefill_from_a_real_series(ctx):
+    files = sorted(shared_data("ct_dicom_2mm", "dicom").iterdir())
+    db = _FakeDicomDatabase(files)
+    volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "dicom CT")
+    volume.SetAttribute("DICOM.instanceUIDs", " ".join(db._files))
+    defaults = SpineBMDLogic.defaultsFromDicom(volume, db)
+    meta = defaults["metadata"]  # the data README: Siemens Biograph40 mCT, 120 kVp, Br38f, tags emptied
+    assert meta["Manufacturer"] == "SIEMENS" and meta["KVP"] == 120.0 and meta["ConvolutionKernel"] == "Br38f"
+    assert meta["Modality"] == "CT"
+    assert defaults["age"] is None and defaults["sex"] is None
+    # Not from DICOM / no database: nothing to prefill.
+    assert SpineBMDLogic.defaultsFromDicom(volume, None) == {"age": None, "sex": None, "metadata": {}}
+
+
+def test_dicom_prefill_age_and_sex(ctx, tmp_path):
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(tmp_path / "x.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientAge, ds.PatientSex, ds.KVP = "CT", "067Y", "F", "100"
+    ds.save_as(str(tmp_path / "x.dcm"), enforce_file_format=True)
+    db = _FakeDicomDatabase([tmp_path / "x.dcm"])
+    volume = ctx.scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "dicom CT")
+    volume.SetAttribute("DICOM.instanceUIDs", str(ds.SOPInstanceUID))
+    defaults = SpineBMDLogic.defaultsFromDicom(volume, db)
+    assert defaults["age"] == 67 and defaults["sex"] == "F" and defaults["metadata"]["KVP"] == 100.0
+    assert pydicom.dcmread(tmp_path / "x.dcm").PatientAge == "067Y"
 
 
 def test_summary_line_states_pair_value_and_category():
@@ -346,6 +403,27 @@ def test_logic_on_phantom_volume_node(phantom):
     assert json.loads(table.GetAttribute("spinekit.summary"))["levels_used"]
 
 
+def test_logic_with_builtin_segmenter_and_cancel(phantom):
+    ctx = mrml.new_scene()
+    volume = mrml.volume_node_from_image(phantom.image, ctx.scene, "phantom CT")
+    logic = SpineBMDLogic(ctx.scene)
+    # Cancel sticks: the compute stops at its next progress call and returns nothing.
+    inputs = logic.gather(volume, phase="native")
+    run = BackgroundRun(lambda progress: SpineBMDLogic.compute(inputs, progress))
+    run.cancel()
+    state = run.start().wait(60)
+    assert state.done and state.cancelled and state.result is None and state.error is None
+    # No segmentation given: the builtin segmenter runs and its levels become the segments.
+    results = logic.process(volume, phase="native")
+    seg = results.segmentationNode
+    found = set(mrml.segment_ids_by_level(seg))
+    assert found >= {"L1", "L2"} and found <= set(PHANTOM_DENSITIES) | {"T11", "L4"}
+    for level in found & set(PHANTOM_DENSITIES):
+        ras = mrml.lps_to_ras(np.asarray(phantom.truth["levels"][level]["centroid_lps_mm"]))
+        assert segment_contains_ras(seg, level, ras), level
+    assert seg.GetNodeReference(mrml.BODIES_REFERENCE_ROLE) is not None  # bodies kept for recompute
+
+
 def test_recompute_after_removing_voxels_from_one_segment(phantom):
     ctx, volume, seg, logic, first = _phantom_run(phantom)
     l1 = mrml.segment_mask(seg, "L1", volume)
@@ -363,7 +441,7 @@ def test_recompute_after_removing_voxels_from_one_segment(phantom):
         assert second.level(level).body_volume_cm3 == pytest.approx(first.level(level).body_volume_cm3)
 
 
-def test_logic_on_real_ct_with_totalsegmentator_labels():
+def test_logic_on_real_ct_with_totalsegmentator_labels(tmp_path):
     ct_path = shared_data("ct_abdomen_3mm", "ct.nii.gz")
     from spinekit.image import read_image
     from spinekit.segmentation import segment
@@ -398,3 +476,67 @@ def test_logic_on_real_ct_with_totalsegmentator_labels():
         assert volumes[row] == pytest.approx(core.loc[level, "body_volume_cm3"])
     assert results.bmd.summary["levels_used"] and results.bmd.summary["t_score"] is not None
     assert results.chartNode.GetNumberOfPlotSeriesNodes() == 3
+    # Export: the written levels.csv holds the numbers the table node shows.
+    import pandas as pd
+
+    files = SpineBMDLogic.exportReport(results, tmp_path / "report")
+    written = pd.read_csv(files["levels"])
+    assert list(written["level"]) == table_levels
+    assert np.allclose(written["vbmd_mg_cm3"].to_numpy(float), np.asarray(vbmd, float), equal_nan=True)
+    assert files["summary"].is_file() and files["report"].is_file()
+
+
+# --- the Slicer module file itself, with Qt stubbed out -----------------------------------------
+@pytest.fixture
+def stubbed_slicer_module(monkeypatch, ctx):
+    """Import SpineBMD/SpineBMD.py with minimal stand-ins for the Qt-only parts of Slicer
+    (ScriptedLoadableModule, i18n, parameterNodeWrapper, qt), on a real slicer-core scene."""
+    import types
+
+    class _Base:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    class _Logic(_Base):
+        def getParameterNode(self):
+            return ctx.scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode")
+
+    slm = types.ModuleType("slicer.ScriptedLoadableModule")
+    slm.ScriptedLoadableModule = slm.ScriptedLoadableModuleWidget = slm.ScriptedLoadableModuleTest = _Base
+    slm.ScriptedLoadableModuleLogic = _Logic
+    i18n = types.ModuleType("slicer.i18n")
+    i18n.tr = lambda text: text
+    i18n.translate = lambda context, text: text
+    pnw = types.ModuleType("slicer.parameterNodeWrapper")
+    pnw.parameterNodeWrapper = lambda cls: cls
+    pnw.Choice = pnw.WithinRange = lambda *args: None
+    qt = types.ModuleType("qt")
+    qt.QTimer = type("QTimer", (), {"setInterval": lambda self, ms: None, "connect": lambda self, *a: None})
+    for name, module in (("slicer.ScriptedLoadableModule", slm), ("slicer.i18n", i18n),
+                         ("slicer.parameterNodeWrapper", pnw), ("qt", qt)):
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(slicer, "mrmlScene", ctx.scene, raising=False)
+    monkeypatch.delitem(sys.modules, "SpineBMD", raising=False)
+    import importlib
+
+    return importlib.import_module("SpineBMD")
+
+
+def test_module_logic_runs_the_console_api(stubbed_slicer_module, ctx, phantom):
+    SpineBMD = stubbed_slicer_module
+    volume = mrml.volume_node_from_image(phantom.image, ctx.scene, "phantom CT")
+    seg = mrml.labels_to_segmentation_node(phantom.vertebrae, volume, bodies=phantom.bodies)
+    logic = SpineBMD.SpineBMDLogic()
+    # waitForCompletion=False: a background run the caller polls, then finish() on the main thread.
+    run = logic.process(volume, inputSegmentation=seg, phase="native", waitForCompletion=False)
+    state = run.wait(120)
+    assert state.done and state.error is None, state.traceback
+    context = {"inputVolume": volume, "inputs": logic.core.gather(volume, seg, phase="native"),
+               "segmentationNode": seg, "outputSegmentation": None, "outputTable": None, "outputChart": None}
+    results = logic.finish(state.result, context)
+    assert results.segmentationNode is seg and results.tableNode is not None
+    assert mrml.table_column(results.tableNode, "vbmd_mg_cm3")[mrml.table_column(results.tableNode, "level").index("L1")] \
+        == pytest.approx(PHANTOM_DENSITIES["L1"], abs=15.0)
+    # Blocking call: the same numbers.
+    blocking = logic.process(volume, inputSegmentation=seg, phase="native")
+    assert blocking.level("L1").vbmd_mg_cm3 == pytest.approx(results.level("L1").vbmd_mg_cm3)

@@ -22,7 +22,7 @@ from spinekit.phantom import TISSUE_IDS, CTPhantomConfig, generate_ct_phantom
 SP = (1.5, 1.5, 1.5)
 
 
-def _kernel_sum_sq(cfg_spacing, blur_fwhm_mm, thickness_mm=None):
+def _kernel_sum_sq(cfg_spacing, blur_fwhm_mm, thickness_mm=None):  # independent of the generator
     """Sum of squared weights of the scanner kernel: the blurred noise's variance per unit white variance."""
     s = blur_fwhm_mm / (2 * np.sqrt(2 * np.log(2)))
     sig = [0.0, s / cfg_spacing[1], s / cfg_spacing[0]]
@@ -156,7 +156,7 @@ def test_vertebra_labels_and_centroids(default_phantom):
     for name, t in ph.truth["levels"].items():
         assert t["complete"]
         assert np.allclose(t["centroid_lps_mm"], t["centroid_analytic_lps_mm"], atol=0.5), name
-        if not t["genant_grade"]:
+        if t["height_anterior_mm"] == pytest.approx(t["height_posterior_mm"]) and not t["genant_grade"]:
             assert np.allclose(t["centroid_analytic_lps_mm"], t["center_lps_mm"], atol=0.01)
     # Ordered cranio-caudally along z (z index grows superiorly).
     zs = [ph.truth["levels"][n]["center_lps_mm"][2] for n in ph.truth["levels_rendered"]]

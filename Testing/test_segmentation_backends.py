@@ -171,6 +171,16 @@ def test_non_vertebra_ids_are_dropped_with_a_warning(spine):
     assert any("52" in w and "not vertebrae" in w for w in res.warnings)
 
 
+def test_body_map_given_as_labels_is_refused_unless_the_convention_is_explicit(spine):
+    grid, vert, body, disc = spine
+    body_map = np.where(body > 0, 1, np.where(disc, 2, 0)).astype(np.uint8)
+    with pytest.raises(InputError, match="belongs in --bodies"):
+        segment(ct_from(grid, vert), "labelmap", labels=body_map)
+    # Said explicitly, the same ids are read as VerSe C1/C2 (the user's call).
+    res = segment(ct_from(grid, vert), "labelmap", labels=body_map, convention="verse")
+    assert res.present_levels() == ["C1", "C2"]
+
+
 # --- bodies -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("orientation", sorted(ORIENTATIONS))
 def test_bodies_from_vertebrae_recover_the_body_in_any_orientation(orientation):
@@ -306,6 +316,9 @@ def test_real_totalsegmentator_labels_import(abdomen):
     for name in ("T12", "L1", "L2", "L3", "L4", "L5"):
         vid = lv.level_id(name)
         assert dice(derived == vid, b == vid) > 0.85, name
+    # The body map given by mistake as the level map is refused with a pointer to --bodies.
+    with pytest.raises(InputError, match="ts_vertebrae_body.nii.gz does not read as one spine.*--bodies"):
+        segment(ct, "labelmap", labels=abdomen / "ts_vertebrae_body.nii.gz")
     # The derivation works in physical space: the same labels stored sagittally (PIR) give
     # the same bodies voxel for voxel.
     pir = Image.from_sitk(sitk.DICOMOrient(res.vertebrae.to_sitk(), "PIR"))

@@ -14,6 +14,7 @@ Conventions:
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
@@ -37,6 +38,7 @@ ACR_THRESHOLDS_MG_CM3 = {"osteopenia below": 120.0, "osteoporosis below": 80.0}
 # Attribute / reference names that tie result nodes together (so "recompute" needs no state).
 BODIES_REFERENCE_ROLE = "spinekit.bodies"
 SOURCE_ATTRIBUTE = "spinekit.source"
+METADATA_ATTRIBUTE = "spinekit.metadata"
 
 
 def lps_to_ras(points: np.ndarray) -> np.ndarray:
@@ -155,6 +157,9 @@ def image_from_volume_node(node, metadata: Optional[dict] = None) -> Image:
     array = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(nz, ny, nx).copy()
     spacing, origin, direction = geometry_from_ijk_to_ras(_volume_ijk_to_ras(node))
     meta = {"name": node.GetName()}
+    stored = node.GetAttribute(METADATA_ATTRIBUTE)
+    if stored:
+        meta.update(json.loads(stored))
     meta.update(metadata or {})
     return Image(array=array, spacing_mm=spacing, origin_mm=origin, direction=direction, metadata=meta)
 
@@ -176,7 +181,20 @@ def volume_node_from_image(image: Image, scene, name: str = "Volume", node=None,
     image_data.GetPointData().SetScalars(numpy_support.numpy_to_vtk(array.ravel(), deep=True))
     node.SetAndObserveImageData(image_data)
     node.SetIJKToRASMatrix(_vtk_matrix(ijk_to_ras_matrix(image)))
+    # Keep the DICOM facts (scanner, age, sex, phantom flag) with the node, so a round trip
+    # through MRML loses nothing the calibration or the report reads.
+    meta = {k: v for k, v in image.metadata.items() if k != "name" and _json_safe(v)}
+    if meta:
+        node.SetAttribute(METADATA_ATTRIBUTE, json.dumps(meta))
     return node
+
+
+def _json_safe(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def array_from_volume_node(node) -> np.ndarray:
@@ -294,20 +312,27 @@ def labels_to_segmentation_node(labels, volume_node, name: Optional[str] = None,
     segmentation = node.GetSegmentation()
     segmentation.RemoveAllSegments()
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
-    # Keep only vertebra ids, then import as one shared labelmap (one segment per value).
+    # One shared labelmap (Slicer's layer model): every segment references the same oriented
+    # image and is told its label value; segment ID = name = level.
     clean = np.where(np.isin(labels.array, ids), labels.array, 0).astype(np.uint8)
     temp = volume_node_from_image(labels.with_array(clean), scene, "__spinekit_labels__", labelmap=True)
     try:
-        ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(temp, node, "")
-        if not ok:
-            raise RuntimeError("Slicer could not import the label map into the segmentation.")
+        oriented = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(temp)
     finally:
+        display = temp.GetDisplayNode()
+        if display is not None:
+            scene.RemoveNode(display)
         scene.RemoveNode(temp)
-    # Imported segments carry generated IDs (look them up with segment_ids_by_level); name,
-    # colour and terminology come from the label value.
-    for i in range(segmentation.GetNumberOfSegments()):
-        segment = segmentation.GetNthSegment(i)
-        style_segment(segment, lv.level_name(segment.GetLabelValue()))
+    representation = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    was_modifying = node.StartModify()
+    for vid in ids:
+        level = lv.level_name(vid)
+        segment = slicer.vtkSegment()
+        segment.SetLabelValue(vid)
+        segment.AddRepresentation(representation, oriented)
+        style_segment(segment, level)
+        segmentation.AddSegment(segment, level)
+    node.EndModify(was_modifying)
     node.SetAttribute(SOURCE_ATTRIBUTE, "spinekit")
     if bodies is not None:
         set_bodies(node, bodies, volume_node)
@@ -541,7 +566,12 @@ def vbmd_chart_node(level_names: list[str], vbmd_mg_cm3: list[float], scene, nam
     data = table_node_from_records(columns, scene, f"{name} chart data", node=data)
     if chart_node is None:
         chart_node = scene.AddNewNodeByClass("vtkMRMLPlotChartNode", name)
+    # A re-run replaces the series (the old series nodes leave the scene, no pile-up).
+    old = [chart_node.GetNthPlotSeriesNode(i) for i in range(chart_node.GetNumberOfPlotSeriesNodes())]
     chart_node.RemoveAllPlotSeriesNodeIDs()
+    for series in old:
+        if series is not None:
+            scene.RemoveNode(series)
     specs = (("vBMD", "vbmd_mg_cm3", (0.85, 0.33, 0.10), True),
              ("ACR 120 mg/cm3 (osteopenia below)", "acr_osteopenia_mg_cm3", (0.95, 0.65, 0.1), False),
              ("ACR 80 mg/cm3 (osteoporosis below)", "acr_osteoporosis_mg_cm3", (0.8, 0.1, 0.1), False))
@@ -581,7 +611,9 @@ def chart_series(chart_node) -> dict[str, dict[str, list]]:
 
 # --- DICOM facts for prefilling --------------------------------------------------------------
 def dicom_metadata_of(volume_node, database=None) -> dict[str, Any]:
-    """DICOM facts of a volume loaded from DICOM (age, sex, scanner) for prefilling the inputs.
+    """DICOM facts of a volume loaded from DICOM (age, sex, scanner) for prefilling the inputs
+    and for the asynchronous calibration, with the same keys and types as
+    ``spinekit.image.read_image`` gives (KVP float, PatientSex 'F'/'M'/'O', age_years).
 
     ``database`` is Slicer's DICOM database (``slicer.dicomDatabase``) or anything with
     ``fileForInstance(uid)``; without it (or for a non-DICOM volume) an empty dict comes back.
@@ -594,22 +626,18 @@ def dicom_metadata_of(volume_node, database=None) -> dict[str, Any]:
         return {}
     import pydicom
 
-    from .image import METADATA_KEYWORDS
+    from .image import EXTRA_KEYWORDS, METADATA_KEYWORDS, _empty_metadata, _metadata_from_values
 
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    meta = {k: str(ds.get(k)) for k in METADATA_KEYWORDS if ds.get(k) not in (None, "")}
-    return meta
+    values = {k: ds.get(k) for k in METADATA_KEYWORDS + EXTRA_KEYWORDS if ds.get(k) not in (None, "")}
+    return _metadata_from_values(values, _empty_metadata("dicom", None))
 
 
 def age_years_from_dicom(value: Optional[str]) -> Optional[float]:
     """DICOM PatientAge ('065Y', '018M', '030W', '200D') -> years."""
-    if not value:
-        return None
-    m = re.fullmatch(r"\s*(\d{1,3})\s*([YMWD]?)\s*", str(value).upper())
-    if not m:
-        return None
-    n, unit = int(m.group(1)), m.group(2) or "Y"
-    return {"Y": n, "M": n / 12.0, "W": n * 7 / 365.25, "D": n / 365.25}[unit]
+    from .image import parse_age_years
+
+    return parse_age_years(value)
 
 
 def sex_from_dicom(value: Optional[str]) -> Optional[str]:

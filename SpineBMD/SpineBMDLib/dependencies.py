@@ -54,25 +54,39 @@ def ensure(requirements: dict[str, str], confirm: Callable[[str], bool],
     return not missing(requirements)
 
 
+# Never let pip replace what Slicer ships (or what the PyTorch extension manages).
+PROTECTED_PACKAGES = ["numpy", "SimpleITK", "torch", "vtk"]
+
+
 def slicer_installer() -> Callable[[list[str]], None]:
-    """Installer that uses Slicer's own mechanisms (only callable inside Slicer)."""
+    """Installer that uses Slicer's own mechanisms (only callable inside Slicer): pip_ensure
+    (Slicer >= 5.12; ``slicer.pydeps`` / ``slicer.packaging``) with Slicer's own packages
+    protected, else ``slicer.util.pip_install``; torch through the PyTorch extension."""
 
     def install(requirements: Iterable[str]) -> None:
         import slicer  # inside Slicer only
 
         reqs = list(requirements)
-        if any(r.split(">")[0].split("=")[0] == "torch" for r in reqs):
-            reqs = [r for r in reqs if not r.startswith("torch")]
+        if any(_name(r) == "torch" for r in reqs):
+            reqs = [r for r in reqs if _name(r) != "torch"]
             install_torch()
         if not reqs:
             return
-        packaging = getattr(slicer, "packaging", None)
-        if packaging is not None and hasattr(packaging, "pip_ensure"):  # Slicer >= 5.12
-            packaging.pip_ensure(reqs)
+        helper = getattr(slicer, "pydeps", None) or getattr(slicer, "packaging", None)
+        if helper is not None and hasattr(helper, "pip_ensure"):
+            from packaging.requirements import Requirement
+
+            # The user has agreed already (ensure() asked), so no second prompt.
+            helper.pip_ensure([Requirement(r) for r in reqs], skip_packages=PROTECTED_PACKAGES,
+                              prompt_install=False, requester="SpineBMD")
         else:
-            slicer.util.pip_install(reqs)
+            slicer.util.pip_install(" ".join(reqs))
 
     return install
+
+
+def _name(requirement: str) -> str:
+    return requirement.split(">")[0].split("=")[0].split("<")[0].strip().lower()
 
 
 def install_torch() -> None:

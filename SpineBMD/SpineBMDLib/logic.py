@@ -255,5 +255,5 @@ class SpineBMDLogic:
         """{'age': years or None, 'sex': 'F'/'M' or None} from the volume's DICOM header."""
         meta = mrml.dicom_metadata_of(inputVolume, database)
         sex = (meta.get("PatientSex") or "").strip().upper()[:1]
-        return {"age": mrml.age_years_from_dicom(meta.get("PatientAge")),
+        return {"age": meta.get("age_years") or mrml.age_years_from_dicom(meta.get("PatientAge")),
                 "sex": sex if sex in ("F", "M") else None, "metadata": meta}

@@ -29,7 +29,9 @@ BODY_MIN_HU = -300.0                 # body outline threshold
 AIR_MAX_HU = -850.0                  # room air
 FAT_HU = (-190.0, -30.0)             # adipose tissue
 MUSCLE_HU = (0.0, 100.0)             # skeletal muscle
-BONE_MIN_HU = 200.0                  # spine column (when no vertebra labels are given)
+BONE_MIN_HU = 200.0                  # dense bone (kept out of the muscle region)
+BONE_THRESHOLDS_HU = (200.0, 150.0, 110.0, 85.0)  # spine column search without labels, high to low
+COLUMN_MIN_AREA_MM2 = 600.0          # a vertebra's axial cross-section (body + arch) is larger
 SOFT_HU = (20.0, 100.0)              # unenhanced blood (30-60 HU) / soft tissue (native vessel search)
 IVC_ENHANCED_MAX_HU = 250.0          # IVC window upper bound on enhanced scans
 ENHANCED_HU = (110.0, 700.0)         # contrast-filled vessel
@@ -43,8 +45,12 @@ MUSCLE_POSTERIOR_MM = (10.0, 90.0)   # ... and posterior distance from the spina
 VESSEL_RADIUS_MM = (5.0, 18.0)       # aorta / IVC inscribed radius
 IVC_COMPONENT_MAX_RADIUS_MM = 30.0   # IVC blob larger than this disc = merged with the liver
 VESSEL_RADII_MM = (6.0, 8.0, 10.0, 12.0, 14.0)  # lumen radii tried
-VESSEL_CONTRAST_CAP_HU = 60.0        # disc-minus-ring contrast that counts as fully vessel-like
-VESSEL_MIN_SCORE = 0.2               # below this no vessel is accepted (12 HU of contrast)
+VESSEL_CONTRAST_CAP_HU = 250.0       # disc-minus-ring contrast that counts as fully vessel-like
+VESSEL_MIN_SCORE = 0.08              # below this no vessel is accepted (20 HU of contrast)
+# expected lumen centre relative to (spine x, anterior edge y), mm, LPS: aorta anterior-left,
+# IVC anterior-right; the score drops by the penalty per mm beyond 15 mm from it
+VESSEL_EXPECTED_MM = {"left": (12.0, -12.0), "right": (-25.0, -15.0)}
+VESSEL_DISTANCE_PENALTY_PER_MM = 0.005
 MIN_VOXELS = 30                      # a tissue needs at least this many voxels
 
 
@@ -145,6 +151,47 @@ def body_mask(smooth: np.ndarray, spacing: tuple) -> np.ndarray:
     return np.stack([ndi.binary_fill_holes(s) for s in m])
 
 
+def _bone_column_at(smooth: np.ndarray, body: np.ndarray, spacing: tuple, threshold_hu: float) -> np.ndarray:
+    nz, ny, nx = smooth.shape
+    col = np.zeros_like(body)
+    half = int(round(35.0 / spacing[2]))
+    for z in range(nz):
+        if not body[z].any():
+            continue
+        yy, xx = np.nonzero(body[z])
+        bx = int(np.median(xx))
+        ylo, yhi = yy.min(), yy.max()
+        strip = np.zeros((ny, nx), bool)
+        strip[int(ylo + 0.35 * (yhi - ylo)):int(yhi - 0.05 * (yhi - ylo)) + 1, max(bx - half, 0):bx + half + 1] = True
+        # filling the cortical ring makes the vertebral body one solid, largest object
+        # (closing first: at coarse voxels the thin cortex of a porotic body has gaps)
+        ring = ndi.binary_closing((smooth[z] > threshold_hu) & strip, structure=_disk(4.0, spacing[1:]))
+        lab2, n = ndi.label(ndi.binary_fill_holes(ring))
+        if n:
+            sizes = np.bincount(lab2.ravel())
+            sizes[0] = 0
+            col[z] = lab2 == int(np.argmax(sizes))
+    # keep the column: the largest 3D object of the per-slice picks
+    lab3, n = ndi.label(col)
+    if n:
+        sizes = np.bincount(lab3.ravel())
+        sizes[0] = 0
+        col = lab3 == int(np.argmax(sizes))
+    return col
+
+
+def _bone_column(smooth: np.ndarray, body: np.ndarray, spacing: tuple) -> np.ndarray:
+    """Vertebral column without labels: the highest bone threshold whose per-slice object is as
+    large as a vertebra's cross-section (porotic bodies at coarse voxels read ~100 HU)."""
+    col = np.zeros_like(body)
+    for thr in BONE_THRESHOLDS_HU:
+        col = _bone_column_at(smooth, body, spacing, thr)
+        areas = col.sum(axis=(1, 2)) * spacing[1] * spacing[2]
+        if areas.any() and np.median(areas[areas > 0]) >= COLUMN_MIN_AREA_MM2:
+            return col
+    return col
+
+
 def _spine_track(smooth: np.ndarray, body: np.ndarray, spacing: tuple,
                  vertebrae: np.ndarray | None, bodies: np.ndarray | None):
     """Per slice: (x centre, y of the body's anterior edge, y centre of the column) in voxels.
@@ -161,30 +208,7 @@ def _spine_track(smooth: np.ndarray, body: np.ndarray, spacing: tuple,
     if lab is not None and np.any(lab):
         col = lab > 0
     else:
-        col = np.zeros_like(body)
-        for z in range(nz):
-            if not body[z].any():
-                continue
-            yy, xx = np.nonzero(body[z])
-            bx = np.median(xx)
-            ylo, yhi = yy.min(), yy.max()
-            strip = np.zeros((ny, nx), bool)
-            half = int(round(35.0 / spacing[2]))
-            strip[int(ylo + 0.35 * (yhi - ylo)):int(yhi - 0.05 * (yhi - ylo)) + 1,
-                  max(int(bx) - half, 0):int(bx) + half + 1] = True
-            # filling the cortical ring makes the vertebral body one solid, largest object
-            bone = ndi.binary_fill_holes(smooth[z] > BONE_MIN_HU) & strip
-            lab2, n = ndi.label(bone)
-            if n:
-                sizes = np.bincount(lab2.ravel())
-                sizes[0] = 0
-                col[z] = lab2 == int(np.argmax(sizes))
-        # keep the column: the largest 3D object of the per-slice picks
-        lab3, n = ndi.label(col)
-        if n:
-            sizes = np.bincount(lab3.ravel())
-            sizes[0] = 0
-            col = lab3 == int(np.argmax(sizes))
+        col = _bone_column(smooth, body, spacing)
     for z in range(nz):
         if col[z].sum() < 5:
             continue
@@ -197,7 +221,7 @@ def _spine_track(smooth: np.ndarray, body: np.ndarray, spacing: tuple,
         return None
     idx = np.arange(nz)
     near = idx[good][np.argmin(np.abs(idx[:, None] - idx[good][None, :]), axis=1)]
-    return xs[near], yant[near], ycen[near], good
+    return xs[near], yant[near], ycen[near], good, col
 
 
 def _vessel_box(track, z: int, side: str, spacing: tuple, shape) -> tuple[int, int, int, int] | None:
@@ -264,7 +288,7 @@ def _vessel_score(sm: np.ndarray, raw: np.ndarray, excl: np.ndarray, spacing: tu
 
 
 def _find_vessel(sm: np.ndarray, raw: np.ndarray, excl: np.ndarray, track, spacing: tuple, side: str,
-                 hu_window, noise_hu: float, slab_mm: float = 60.0):
+                 hu_window, noise_hu: float, slab_mm: float = 40.0):
     """A vertical tube (aorta / IVC) inside a box anterior of the spine on one side.
 
     The vessel score (homogeneous disc brighter than its ring) is averaged over slabs of
@@ -292,9 +316,18 @@ def _find_vessel(sm: np.ndarray, raw: np.ndarray, excl: np.ndarray, track, spaci
         crop = (zs, slice(cy0, cy1 + 1), slice(cx0, cx1 + 1))
         scores, radii = _vessel_score(sm[crop].astype(np.float64), raw[crop].astype(np.float64), excl[crop],
                                       spacing, hu_window, noise_hu)
+        # prior: the vessel hugs the spine; far candidates (bowel, organ edges) pay per mm
+        ex, ey = VESSEL_EXPECTED_MM[side]
+        zc = zs[len(zs) // 2]
+        yy_mm = (np.arange(cy0, cy1 + 1)[:, None] - (track[1][zc] + ey / sy)) * sy
+        xx_mm = (np.arange(cx0, cx1 + 1)[None, :] - (track[0][zc] + ex / sx)) * sx
+        scores = scores - VESSEL_DISTANCE_PENALTY_PER_MM * np.maximum(np.hypot(yy_mm, xx_mm) - 15.0, 0.0)[None]
+        # a slowly moving tube keeps a steady maximum once each slice's score is max-filtered
+        fy, fx = 2 * int(np.ceil(5.0 / sy)) + 1, 2 * int(np.ceil(5.0 / sx)) + 1
+        spread = ndi.maximum_filter(np.where(np.isfinite(scores), scores, -1.0), size=(1, fy, fx))
         inbox = np.zeros(scores.shape[1:], bool)
         inbox[y0 - cy0:y1 - cy0 + 1, x0 - cx0:x1 - cx0 + 1] = True
-        mean_sc = np.where(np.isfinite(scores), scores, -1.0).mean(axis=0)
+        mean_sc = spread.mean(axis=0)
         mean_sc[~inbox] = -np.inf
         if not np.isfinite(mean_sc).any() or mean_sc.max() < VESSEL_MIN_SCORE:
             continue
@@ -389,7 +422,7 @@ def find_reference_tissues(image: Image, vertebrae: np.ndarray | None = None,
             res.missing.append(name)
         res.warnings.append("The spine was not found, so paraspinal muscle, aorta and IVC references are missing.")
         return res
-    xs, yant, ycen, _ = track
+    xs, yant, ycen, _, column = track
     nz, ny, nx = arr.shape
     sy, sx = spacing[1], spacing[2]
 
@@ -399,6 +432,9 @@ def find_reference_tissues(image: Image, vertebrae: np.ndarray | None = None,
         spine = vert > 0
     elif bod is not None and np.any(bod):
         spine = bod > 0
+    else:
+        # the bone column found by threshold (vertebral bodies, holes filled) plus dense bone
+        spine = column | (smooth > 350.0)
     yidx = np.arange(ny)[None, :, None]
     xidx = np.arange(nx)[None, None, :]
     dy = (yidx - ycen[:, None, None]) * sy
@@ -406,10 +442,7 @@ def find_reference_tissues(image: Image, vertebrae: np.ndarray | None = None,
     region = ((dy >= MUSCLE_POSTERIOR_MM[0]) & (dy <= MUSCLE_POSTERIOR_MM[1])
               & (dx >= MUSCLE_LATERAL_MM[0]) & (dx <= MUSCLE_LATERAL_MM[1]))
     muscle = region & body & (smooth >= MUSCLE_HU[0]) & (smooth <= MUSCLE_HU[1]) & (d_in > FAT_SHELL_MM[0] + 5.0)
-    if spine is not None:
-        muscle &= ~ndi.binary_dilation(spine, structure=_disk(3.0, spacing[1:])[None])
-    else:
-        muscle &= ~ndi.binary_dilation(smooth > BONE_MIN_HU, structure=_disk(3.0, spacing[1:])[None])
+    muscle &= ~ndi.binary_dilation(spine | (smooth > BONE_MIN_HU), structure=_disk(3.0, spacing[1:])[None])
     muscle_e = _erode_inplane(muscle, max(spacing[1], 1.5), spacing)
     # the two largest connected pieces (left and right erector spinae)
     lab, n = ndi.label(muscle_e)
@@ -421,11 +454,7 @@ def find_reference_tissues(image: Image, vertebrae: np.ndarray | None = None,
     keep("muscle", muscle_e)
 
     # aorta: bright (enhanced) or soft-tissue round vessel anterior-left of the vertebral body
-    exclude = None
-    if spine is not None:
-        exclude = ndi.binary_dilation(spine, structure=_disk(2.0, spacing[1:])[None])
-    else:
-        exclude = ndi.binary_dilation(smooth > 350.0, structure=_disk(2.0, spacing[1:])[None])
+    exclude = ndi.binary_dilation(spine, structure=_disk(2.0, spacing[1:])[None])
     # noise from the muscle region (or a default) scales the homogeneity term
     noise = res.sd_hu.get("muscle", 20.0)
     enh = _consistent_track(_find_vessel(smooth, arr, exclude, track, spacing, "left", ENHANCED_HU, noise), spacing)

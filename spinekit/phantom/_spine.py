@@ -39,6 +39,7 @@ class LevelDims:
     sp_down_deg: float  # spinous process slope (thoracic ones point caudally)
     sp_half_height_mm: float
     sp_half_width_mm: float
+    natural_wedge: float = 1.0  # physiological Ha/Hp of a normal body (kyphotic < 1 < lordotic)
 
 
 def level_dims(name: str) -> LevelDims:
@@ -52,14 +53,14 @@ def level_dims(name: str) -> LevelDims:
             name, 15.0 + 8.0 * t, 28.0 + 10.0 * t, 18.0 + 11.0 * t, 4.0 + 2.5 * t,
             15.0 + 3.0 * t, 14.0 + 1.0 * t, 6.0 + 2.0 * t, 11.0 + 4.0 * t, 5.0,
             38.0 - 10.0 * t, 4.0, 5.0, 30.0 - 15.0 * t,
-            30.0, sp_down, 4.5, 3.0,
+            30.0, sp_down, 4.5, 3.0, 0.93 if i < 10 else 0.95,
         )
-    t = (i - 12) / 4.0  # lumbar: ~42x32x25 (L1) to ~50x35x27.5 mm (L5); discs 8-10 mm
+    t = (i - 12) / 4.0  # lumbar: ~44x33x26 (L1) to ~52x36x27 mm (L5); discs 8-10 mm
     return LevelDims(
-        name, 25.0 + 2.5 * t, 42.0 + 8.0 * t, 32.0 + 3.0 * t, 8.0 + 2.0 * t if i < 16 else 9.0,
+        name, 26.0 + 1.0 * t, 44.0 + 8.0 * t, 33.0 + 3.0 * t, 8.0 + 2.0 * t if i < 16 else 9.0,
         20.0 + 3.0 * t, 15.0, 8.0 + 4.0 * t, 15.0, 6.0,
         36.0 + 10.0 * np.sin(np.pi * t), 2.5, 6.0, 5.0,
-        28.0, 5.0, 9.0, 3.5,
+        28.0, 5.0, 9.0, 3.5, (0.97, 1.0, 1.03, 1.06, 1.12)[i - 12],
     )
 
 

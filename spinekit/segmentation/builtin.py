@@ -43,8 +43,9 @@ ROI_LATERAL_MM = 50.0
 MIN_VERTEBRA_MM = 12.0
 DISC_DEPTH = 0.45        # a disc slab holds under half the bone of the bodies next to it
 WEAK_DISC_DEPTH = 0.85   # a tilted / narrow disc, accepted where the disc spacing expects one
-ALA_FRACTION = 0.25      # share of a segment's bone lateral-anterior (sacral alae)
+ALA_FRACTION = 0.15      # share of a segment's bone lateral-anterior (sacral alae)
 DEFAULT_PITCH_MM = 30.0
+RIB_MAX_MM3 = 60000.0    # bigger bone pieces beside the column are pelvis / shoulder girdle
 TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # vertebra + disc height when too few discs are seen to measure it   # shortest vertebra segment kept (crush fractures included)
 
 
@@ -113,7 +114,7 @@ def _to_native(labels: np.ndarray, grid: _Grid, image: Image) -> np.ndarray:
     lab = sitk.GetImageFromArray(labels.astype(np.uint8))
     lab.CopyInformation(grid.reference)
     target = image.to_sitk() if image.array.dtype != bool else image.with_array(image.array.astype(np.uint8)).to_sitk()
-    out = sitk.Resample(lab, target, sitk.Transform(), sitk.sitkLabelGaussian, 0, sitk.sitkUInt8)
+    out = sitk.Resample(lab, target, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(out)
 
 
@@ -508,7 +509,9 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     zs, ys, xs = ndi.find_objects(column.astype(np.uint8))[0]
     zs = slice(max(0, zs.start - 1), min(nz, zs.stop + 1))
     crop = (zs, ys, xs)
-    elev = -ndi.gaussian_filter(hu[crop], 0.7)
+    # Flood over the inverted distance map: posterior arches join their own body through the
+    # pedicles (thick necks) before a neighbour can reach them through a facet joint (thin).
+    elev = -ndi.distance_transform_edt(column[crop])
     ws = watershed(elev, markers=markers[crop].astype(np.int32), mask=column[crop])
     # Bone pieces the flood could not reach (detached processes) go to the nearest vertebra.
     miss = column[crop] & (ws == 0)
@@ -523,7 +526,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
 
     # --- anchors -----------------------------------------------------------------------------
     report(progress, 0.8, "builtin: naming levels")
-    _find_ribs(segs, vert, bone, box, sp)
+    _find_ribs(segs, vert, bodies, bone, box, dx, sp)
     sacrum_seg = _find_sacrum(segs, vert, bone, canal, dx, anterior, sp, grid.fov)
     uncertain = False
     n = len(segs)
@@ -595,43 +598,45 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     )
 
 
-def _find_ribs(segs, vert, bone, box, sp):
-    """Count ribs per vertebra: long bone pieces outside the column box that touch it."""
+def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
+    """Count ribs per vertebra: elongated bone pieces outside the column box whose medial end
+    meets the box's lateral wall next to the column. A rib is given to the vertebra whose body
+    centre is nearest in height to that medial end (ribs slope down, so labels of the bone
+    they touch are less reliable than the body level)."""
     outside = bone & ~box
-    # Only the band just outside the box's lateral walls counts as a rib root.
     lab, n = ndi.label(outside)
     if n == 0:
         return
-    idx = np.arange(1, n + 1)
+    sizes = np.bincount(lab.ravel(), minlength=n + 1) * sp ** 3
     objs = ndi.find_objects(lab)
-    sizes = ndi.sum_labels(np.ones(lab.shape, np.float32), lab, idx) * sp ** 3
-    contact = ndi.binary_dilation(vert > 0, iterations=max(1, int(round(4.0 / sp)))) & ~box
-    for i, (o, v) in enumerate(zip(objs, sizes)):
-        if o is None or v < 300.0:
+    zb = np.nonzero(bodies.any(axis=(1, 2)))[0]
+    centre_z = {}
+    for sg in segs:
+        zz = np.nonzero(bodies == sg.label)[0]
+        if zz.size:
+            centre_z[sg.label] = float(zz.mean())
+    if not centre_z or zb.size == 0:
+        return
+    # Rib roots: just outside the lateral walls of the box, beside labelled column bone.
+    wall = np.broadcast_to((np.abs(dx) >= ROI_LATERAL_MM) & (np.abs(dx) < ROI_LATERAL_MM + 3.0 * sp), vert.shape)
+    near_col = ndi.binary_dilation(vert > 0, iterations=max(1, int(round(4.0 / sp))), mask=wall | (vert > 0))
+    for i, o in enumerate(objs):
+        v = sizes[i + 1]
+        if o is None or v < 300.0 or v > RIB_MAX_MM3:
             continue
         ext = np.array([(sl.stop - sl.start) * sp for sl in o])
-        if ext.max() < 35.0 or v > 200000.0:   # not elongated, or a pelvis / shoulder girdle
+        if max(ext[1], ext[2]) < 30.0:      # ribs run laterally / antero-posteriorly
             continue
-        touch = contact[o] & (lab[o] == i + 1)
+        touch = near_col[o] & wall[o] & (lab[o] == i + 1)
         if touch.sum() < 2:
             continue
-        # The vertebra the rib touches: nearest labelled voxel to the contact points.
-        zt, yt, xt = np.nonzero(touch)
-        zt += o[0].start
-        yt += o[1].start
-        xt += o[2].start
-        r = max(1, int(round(6.0 / sp)))
-        votes = []
-        for z, y, x in zip(zt, yt, xt):
-            w = vert[max(0, z - r):z + r + 1, max(0, y - r):y + r + 1, max(0, x - r):x + r + 1]
-            w = w[w > 0]
-            if w.size:
-                votes.append(np.bincount(w).argmax())
-        if votes:
-            seg_label = np.bincount(votes).argmax()
-            for sg in segs:
-                if sg.label == seg_label:
-                    sg.ribs += 1
+        z_root = float(np.nonzero(touch)[0].mean() + o[0].start)
+        label = min(centre_z, key=lambda k: abs(centre_z[k] - z_root))
+        if abs(centre_z[label] - z_root) * sp > 25.0:
+            continue
+        for sg in segs:
+            if sg.label == label:
+                sg.ribs += 1
 
 
 def _find_sacrum(segs, vert, bone, canal, dx, anterior, sp, fov):

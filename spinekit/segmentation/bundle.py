@@ -238,7 +238,13 @@ def segment_bundle(image: Image, model_dir: str | Path, progress: Optional[Progr
     digest = reg.verify_weights(weights, expected)
     opts = _options(meta, entry, {"spacing_mm": spacing_mm, "intensity": intensity, "orientation": orientation,
                                   "axis_order": axis_order, "roi_size": roi_size, "labels_convention": convention})
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev_name = {"gpu": "cuda"}.get((device or "").lower(), device) or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(dev_name)
+    except RuntimeError:
+        raise InputError(f"unknown device '{device}' (use cpu, cuda or cuda:N).") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device '{device}' was asked for but PyTorch sees no CUDA GPU.")
 
     report(progress, 0.1, f"loading {weights.name}")
     if kind == "torchscript":
@@ -301,7 +307,7 @@ def segment_bundle(image: Image, model_dir: str | Path, progress: Optional[Progr
         if ids:
             per_level_conf = dict(zip(ids, map(float, ndimage.mean(conf, verse_model, ids))))
 
-    name = (meta.get("name") or (entry.title if entry is not None else "") or model_dir.name)
+    name = str(meta.get("name") or model_dir.name)
     provenance = {
         "model": name, "model_dir": str(model_dir), "weights": weights.name, "sha256": digest,
         "checksum_source": source, "kind": kind, "labels_convention": opts["labels_convention"],

@@ -24,7 +24,7 @@ from .base import SegmentationResult, records_from_labels
 
 LabelSource = Union[Image, str, Path, np.ndarray]
 
-# Below this fraction of a level's voxels the "canal" found by hole filling is noise.
+# A "canal" of fewer voxels than this, found by hole filling, is noise.
 _MIN_CANAL_VOXELS = 2
 
 
@@ -84,7 +84,7 @@ def label_image_on_grid(labels: LabelSource, image: Image, what: str = "label ma
         if labels.shape != image.shape:
             raise InputError(f"{desc} has shape {labels.shape} but the CT has shape {image.shape}; "
                              "give a file with its geometry to resample it.")
-        return image.with_array(_check_integer_labels(labels, desc))
+        return image.with_array(_check_integer_labels(labels, desc), label_source=desc)
     else:
         raise InputError(f"{what} must be an Image, a file path or a numpy array, not {type(labels).__name__}.")
 
@@ -92,7 +92,7 @@ def label_image_on_grid(labels: LabelSource, image: Image, what: str = "label ma
         raise InputError(f"{desc} is {lab.ndim}D; a 3D label map is needed.")
     arr = _check_integer_labels(lab.array, desc)
     if lab.same_grid(image):
-        return image.with_array(arr)
+        return image.with_array(arr, label_source=desc)
 
     # Different grid: resample physically (nearest neighbour keeps the ids intact).
     src = lab.with_array(arr).to_sitk()
@@ -104,7 +104,7 @@ def label_image_on_grid(labels: LabelSource, image: Image, what: str = "label ma
         raise InputError(f"{desc} does not overlap the CT in physical space (check that it belongs to this CT).")
     if not n_in:
         raise InputError(f"{desc} is empty (no non-zero labels).")
-    return image.with_array(res.astype(arr.dtype), resampled_from=desc)
+    return image.with_array(res.astype(arr.dtype), resampled_from=desc, label_source=desc)
 
 
 # --- conventions ------------------------------------------------------------------------------
@@ -117,34 +117,46 @@ def _label_centroids_mm(labels: Image, ids: list[int]) -> dict[int, np.ndarray]:
     return {i: p for i, p in zip(ids, pts)}
 
 
-def _label_heights_mm(labels: Image, ids: list[int]) -> dict[int, float]:
-    """Superior (LPS +z) coordinate of each label's centroid, in mm."""
-    return {i: float(p[2]) for i, p in _label_centroids_mm(labels, ids).items()}
+def _label_z_ranges_mm(labels: Image, ids: list[int]) -> dict[int, tuple[float, float]]:
+    """Cranio-caudal (LPS z) range (low, high) of each label's bounding box, in mm."""
+    objects = ndimage.find_objects(labels.array.astype(np.int64), max_label=max(ids))
+    out = {}
+    for i in ids:
+        sl = objects[i - 1]
+        corners = np.array([[a, b, c] for a in (sl[0].start, sl[0].stop - 1)
+                            for b in (sl[1].start, sl[1].stop - 1) for c in (sl[2].start, sl[2].stop - 1)], float)
+        z = labels.index_to_physical(corners)[:, 2]
+        out[i] = (float(z.min()), float(z.max()))
+    return out
 
 
 def _column_fraction(mapping: dict[int, str], centroids: dict[int, np.ndarray],
-                     volumes_ml: dict[int, float]) -> float:
+                     volumes_ml: dict[int, float], z_ranges: dict[int, tuple[float, float]]) -> float:
     """Share of the labels a convention names as vertebrae that look like one spine column:
     centroid within 30 mm left-right of the named labels' median (kyphosis moves vertebrae
-    antero-posteriorly, not sideways) and no larger than 400 ml (an organ, not a vertebra)."""
+    antero-posteriorly, not sideways), no larger than 400 ml and, except the sacrum, no
+    taller than 80 mm (an organ, or several bodies under one id, is not one vertebra)."""
     named = [i for i in centroids if i in mapping]
     if not named:
         return 0.0
     mid_x = float(np.median([centroids[i][0] for i in named]))
-    ok = [i for i in named if abs(centroids[i][0] - mid_x) <= 30.0 and volumes_ml[i] <= 400.0]
+    ok = [i for i in named if abs(centroids[i][0] - mid_x) <= 30.0 and volumes_ml[i] <= 400.0
+          and (mapping[i] == "sacrum" or z_ranges[i][1] - z_ranges[i][0] <= 80.0)]
     return len(ok) / len(named)
 
 
-def _order_consistency(mapping: dict[int, str], heights: dict[int, float]) -> float:
+def _order_consistency(mapping: dict[int, str], heights: dict[int, float],
+                       z_ranges: Optional[dict[int, tuple[float, float]]] = None) -> float:
     """Fraction of label pairs whose physical cranio-caudal position matches their level
-    names under ``mapping``: right order, and a distance a spine can have between those
-    levels (about 8-50 mm per level; C1 and L1 cannot be 3 cm apart). 0.5 when fewer than
-    two levels can be compared."""
-    named = [(lv.order_index(mapping[i]), heights[i]) for i in heights if i in mapping]
+    names under ``mapping``: right order, a distance a spine can have between those levels
+    (about 8-50 mm per level; C1 and L1 cannot be 3 cm apart) and, with ``z_ranges``, no
+    more cranio-caudal overlap than interlocking neighbours have (85% of the shorter one;
+    L5 and the sacrum reach about 70%). 0.5 when fewer than two levels can be compared."""
+    named = [(lv.order_index(mapping[i]), heights[i], i) for i in heights if i in mapping]
     good = total = 0
     for a in range(len(named)):
         for b in range(a + 1, len(named)):
-            (oa, za), (ob, zb) = named[a], named[b]
+            (oa, za, ia), (ob, zb, ib) = named[a], named[b]
             if oa == ob:
                 continue
             total += 1
@@ -152,6 +164,10 @@ def _order_consistency(mapping: dict[int, str], heights: dict[int, float]) -> fl
             # Smaller order index = more cranial = higher LPS z.
             ordered = (oa < ob) == (za > zb)
             plausible = 8.0 * steps - 20.0 <= gap_mm <= 50.0 * steps + 20.0
+            if z_ranges is not None and plausible and ia in z_ranges and ib in z_ranges:
+                (la, ha), (lb, hb) = z_ranges[ia], z_ranges[ib]
+                overlap = min(ha, hb) - max(la, lb)
+                plausible = overlap <= 0.85 * max(min(ha - la, hb - lb), 1e-6)
             good += ordered and plausible
     return good / total if total else 0.5
 
@@ -163,7 +179,9 @@ def guess_convention(labels: Image) -> tuple[str, float, str]:
     how well the named levels lie in cranio-caudal order in physical space, times the share
     of them that form one spine column. The order term separates conventions that use the
     same ids (VerSe 1-25 vs TotalSegmentator ``vertebrae_mr`` 1-25 run in opposite
-    directions); the column term rejects organ ids of a full TotalSegmentator map.
+    directions) and, through the distance and overlap limits, maps that are not per-level
+    (a ``vertebrae_body`` map read as C1/C2); the column term rejects the organ ids of a
+    full TotalSegmentator map.
     """
     ids = [int(i) for i in np.unique(labels.array) if i != 0]
     if not ids:
@@ -172,6 +190,14 @@ def guess_convention(labels: Image) -> tuple[str, float, str]:
     heights = {i: float(p[2]) for i, p in centroids.items()}
     counts = np.bincount(labels.array.ravel().astype(np.int64), minlength=max(ids) + 1)
     volumes_ml = {i: counts[i] * labels.voxel_volume_mm3 / 1000.0 for i in ids}
+    z_ranges = _label_z_ranges_mm(labels, ids)
+    # Levels cut by the field of view overlap their neighbour's range legitimately: their
+    # ranges are left out of the overlap test.
+    n = np.array(labels.shape, float) - 1
+    corners = np.array([[a, b, c] for a in (0, n[0]) for b in (0, n[1]) for c in (0, n[2])])
+    fov_z = labels.index_to_physical(corners)[:, 2]
+    tol = max(labels.spacing_mm)
+    whole = {i: r for i, r in z_ranges.items() if r[0] > fov_z.min() + tol and r[1] < fov_z.max() - tol}
     scores, plausibility = {}, {}
     for name, mapping in lv.CONVENTIONS.items():
         coverage = sum(i in mapping for i in ids) / len(ids)
@@ -180,8 +206,8 @@ def guess_convention(labels: Image) -> tuple[str, float, str]:
             continue
         # Named share x cranio-caudal order x spine-column shape: organ ids that happen to
         # be vertebra ids in another convention fail the last two.
-        plausibility[name] = (_order_consistency(mapping, heights)
-                              * _column_fraction(mapping, centroids, volumes_ml))
+        plausibility[name] = (_order_consistency(mapping, heights, whole)
+                              * _column_fraction(mapping, centroids, volumes_ml, z_ranges))
         scores[name] = coverage * plausibility[name]
     best = max(scores, key=lambda k: (round(scores[k], 6), k == "verse"))
     runner = max((k for k in scores if k != best), key=lambda k: scores[k])
@@ -202,6 +228,12 @@ def to_verse_image(labels: Image, convention: Optional[str] = None) -> tuple[Ima
     confidence = 1.0
     if convention is None:
         convention, confidence, reason = guess_convention(labels)
+        if confidence < 0.25:
+            ids = sorted(int(i) for i in np.unique(labels.array) if i)
+            hint = (" (ids 1 and 2 only: a TotalSegmentator vertebrae_body map belongs in --bodies)"
+                    if set(ids) <= {1, 2} else "")
+            raise InputError(f"{labels.metadata.get('label_source', 'the label map')} does not read as one spine "
+                             f"in any known label convention{hint}; give its convention explicitly.")
         warnings.append(reason + ".")
     verse = lv.to_verse(labels.array, convention).astype(np.uint8)
     dropped = sorted({int(i) for i in np.unique(labels.array[(verse == 0) & (labels.array != 0)])})

@@ -23,12 +23,10 @@ class SpineBMDConsoleTest(unittest.TestCase):
         logic = SpineBMDLogic(slicer.mrmlScene)
         first = logic.process(volume, segmentationNode=seg, phase="native")
         # Erase the cranial half of the L1 vertebra, as a user would in Segment Editor.
-        labels = mrml.segmentation_node_to_labels(seg, volume)
-        zs = np.nonzero((labels.array == 20).any(axis=(1, 2)))[0]
-        edited = labels.array.copy()
-        edited[zs[len(zs) // 2]:][edited[zs[len(zs) // 2]:] == 20] = 0
-        seg_id = mrml.segment_ids_by_level(seg)["L1"]
-        slicer.util.updateSegmentBinaryLabelmapFromArray((edited == 20).astype(np.uint8), seg, seg_id, volume)
+        l1 = mrml.segment_mask(seg, "L1", volume)
+        zs = np.nonzero(l1.any(axis=(1, 2)))[0]
+        l1[zs[len(zs) // 2]:] = False
+        slicer.util.updateSegmentBinaryLabelmapFromArray(l1.astype(np.uint8), seg, "L1", volume)
         second = logic.recompute(volume, seg, phase="native")
         self.assertLess(second.level("L1").body_volume_cm3, first.level("L1").body_volume_cm3)
         self.assertAlmostEqual(second.level("L2").body_volume_cm3, first.level("L2").body_volume_cm3, places=3)

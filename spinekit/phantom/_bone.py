@@ -1,0 +1,264 @@
+"""Bone of the CT phantom: discs, canal, vertebrae (body + posterior elements), ribs, sacrum, pelvis.
+
+Each structure is computed in its own local frame (u lateral, v posterior, w superior; mm) and
+only inside its bounding box. Painting writes material ids (see ``_grid.Materials``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..levels import VERSE_IDS
+from ._grid import TISSUE_IDS as T
+from ._grid import box_corners, cortex, local_coords
+from ._soft import OUTLINE_OFFSET_MM, WALL_MUSCLE_MM, outline
+from ._spine import SPINE_LEVELS, LevelDims
+
+CORTEX_MM, ENDPLATE_MM = 1.0, 1.0
+FRACTURE_TYPES = ("wedge", "biconcave", "crush")
+# Height loss at the middle of each Genant band (grade 3 band is open: >40 %, use 50 %).
+GENANT_LOSS = {1: 0.225, 2: 0.325, 3: 0.50}
+
+
+def body_heights(dims: LevelDims, fracture: tuple[str, int] | None):
+    """Height profile H(u, v, r2) of the body (mm) and its truth (anterior, middle, posterior).
+
+    Heights are taken at 15 / 50 / 85 % of the AP depth on the mid-sagittal line. A normal body
+    has its physiological wedge (dims.natural_wedge = Ha/Hp) with the mean height at mid-depth;
+    fractures follow Genant: wedge Ha = (1 - loss) Hp, biconcave Hm = (1 - loss) Hp (central
+    endplate depression reaching 60 % of the radius), crush all heights x (1 - loss).
+    """
+    hn, r = dims.body_height_mm, dims.natural_wedge
+    b = dims.body_depth_mm / 2.0
+    ha, hp = hn * 2 * r / (1 + r), hn * 2 / (1 + r)
+    kind, loss = (fracture[0], GENANT_LOSS[int(fracture[1])]) if fracture else (None, 0.0)
+    if kind == "wedge":
+        ha = hp * (1 - loss)
+    scale = (1 - loss) if kind == "crush" else 1.0
+    dip = (ha + hp) / 2 - hp * (1 - loss) if kind == "biconcave" else 0.0
+
+    def lin(f):  # linear in depth: ha at f = 0.15, hp at f = 0.85
+        return hp + (ha - hp) * (0.85 - f) / 0.70
+
+    def h(u, v, r2):
+        f = np.clip((v + b) / (2 * b), 0.0, 1.0)
+        out = lin(f)
+        if dip:
+            out = out - dip * np.clip(1.0 - r2 / 0.36, 0.0, 1.0)
+        return (scale * out).astype(np.float32)
+
+    truth = tuple(float(scale * (lin(f) - (dip if f == 0.5 else 0.0))) for f in (0.15, 0.5, 0.85))
+    return h, truth
+
+
+# --- discs and canal -------------------------------------------------------------------------
+def paint_disc(mat, grid, curve, dims, upper, lower):
+    du = dims[upper]
+    s_a = curve.level_top_s[upper] + du.body_height_mm  # inferior endplate of the upper body
+    gap = du.disc_below_mm
+    fr = curve.frame(s_a + gap / 2)
+    if lower is None:  # L5/S1
+        a, b = du.body_width_mm / 2 * 0.97, du.body_depth_mm / 2 * 0.97
+    else:
+        dl = dims[lower]
+        a = (du.body_width_mm + dl.body_width_mm) / 4 * 0.97
+        b = (du.body_depth_mm + dl.body_depth_mm) / 4 * 0.97
+    hw = gap / 2 + 4.0
+    sl = grid.bbox(box_corners(fr, (-a, a), (-b, b), (-hw, hw)))
+    if sl is None:
+        return
+    u, v, w = local_coords(grid, fr, sl)
+    m = ((u / a) ** 2 + (v / b) ** 2 <= 1) & (np.abs(w) <= hw)
+    mat[sl][m] = T["disc"]
+
+
+def canal_geom(d: LevelDims):
+    b = d.body_depth_mm / 2
+    return b + d.canal_depth_mm / 2, d.canal_width_mm / 2, d.canal_depth_mm / 2  # vc, semi-axes
+
+
+def paint_canal(mat, grid, fr, d):
+    vc, ca, cb = canal_geom(d)
+    hw = d.body_height_mm / 2 + d.disc_below_mm / 2 + 3.0
+    sl = grid.bbox(box_corners(fr, (-ca, ca), (vc - cb, vc + cb), (-hw, hw)))
+    if sl is None:
+        return
+    u, v, w = local_coords(grid, fr, sl)
+    m = ((u / ca) ** 2 + ((v - vc) / cb) ** 2 <= 1) & (np.abs(w) <= hw)
+    mat[sl][m] = T["canal"]
+
+
+# --- vertebra --------------------------------------------------------------------------------
+def paint_vertebra(mat, M, vertebrae, bodies, grid, fr, d, above, vid, fracture, trab_hu,
+                   cortical_hu, metal=False) -> dict:
+    """Body (elliptic cylinder, 1 mm cortex and endplates, fracture profile) + posterior elements."""
+    a, b, H = d.body_width_mm / 2, d.body_depth_mm / 2, d.body_height_mm
+    vc, ca, cb = canal_geom(d)
+    lam = d.lamina_mm
+    u0 = ca + d.pedicle_width_mm / 2  # pedicle axis distance from the midline
+    w_ped = 0.15 * H
+    disc_above = above.disc_below_mm if above is not None else 5.0
+    sp_v0 = vc + cb + lam - 2.0
+    sp_dv = d.sp_length_mm * np.cos(np.radians(d.sp_down_deg))
+    sp_dw = d.sp_length_mm * np.sin(np.radians(d.sp_down_deg))
+    umax = max(a, d.tp_tip_mm) + 3
+    tp_dv = (d.tp_tip_mm - u0) * np.tan(np.radians(d.tp_posterior_deg))
+    vmax = max(sp_v0 + sp_dv, vc + tp_dv) + d.sp_half_height_mm + 3
+    wlo = -(H / 2 + d.disc_below_mm / 2 + 4) - sp_dw
+    whi = H / 2 + disc_above / 2 + 4
+    sl = grid.bbox(box_corners(fr, (-umax, umax), (-b - 3, vmax), (wlo, whi)))
+    hfun, heights = body_heights(d, fracture)
+    # Analytic body volume: integral of H over the elliptic cross-section (fine 2D grid).
+    gu, gv = np.meshgrid(np.linspace(-a, a, 401), np.linspace(-b, b, 401), indexing="ij")
+    r2g = (gu / a) ** 2 + (gv / b) ** 2
+    hg = np.broadcast_to(hfun(gu, gv, r2g), gu.shape)
+    inside = r2g <= 1
+    volume = float(np.sum(hg[inside]) * (gu[1, 0] - gu[0, 0]) * (gv[0, 1] - gv[0, 0]))
+    # Endplates collapse symmetrically about w = 0, so the centroid only moves along v.
+    v_centroid = float(np.sum((hg * gv)[inside]) / np.sum(hg[inside]))
+    out = {"heights": heights, "volume_mm3": volume, "centroid_world": fr.to_world(0.0, v_centroid, 0.0),
+           "bbox": sl}
+    if sl is None:
+        return out
+    u, v, w = local_coords(grid, fr, sl)
+    au = np.abs(u)
+    r2 = (u / a) ** 2 + (v / b) ** 2
+    Hh = hfun(u, v, r2) / 2
+    body = (r2 <= 1) & (np.abs(w) <= Hh)
+    shell = (((u / (a - CORTEX_MM)) ** 2 + (v / (b - CORTEX_MM)) ** 2) > 1) | (np.abs(w) > Hh - ENDPLATE_MM)
+    canal = (u / ca) ** 2 + ((v - vc) / cb) ** 2 <= 1
+    ped = (((au - u0) / (d.pedicle_width_mm / 2)) ** 2 + ((w - w_ped) / (d.pedicle_height_mm / 2)) ** 2 <= 1) \
+        & (v >= b - 4) & (v <= vc + 0.25 * cb)
+    lamina = ((u / (ca + lam)) ** 2 + ((v - vc) / (cb + lam)) ** 2 <= 1) & ~canal & (v >= vc) \
+        & (np.abs(w + 0.05 * H) <= 0.45 * H)
+    ap_r2 = ((au - u0) / (d.pedicle_width_mm / 2 + 1)) ** 2
+    sup_ap = (ap_r2 + ((v - vc) / 3.5) ** 2 <= 1) & (w >= w_ped) & (w <= H / 2 + disc_above / 2 + 2)
+    inf_ap = (ap_r2 + ((v - vc - 8) / 3.5) ** 2 <= 1) & (w <= w_ped) & (w >= -(H / 2 + d.disc_below_mm / 2 + 2))
+    tp_v = vc + (au - u0) * np.float32(np.tan(np.radians(d.tp_posterior_deg)))
+    tp = (((v - tp_v) / d.tp_half_ap_mm) ** 2 + ((w - w_ped) / d.tp_half_height_mm) ** 2 <= 1) \
+        & (au >= u0) & (au <= d.tp_tip_mm)
+    sp_w = -0.05 * H - (v - sp_v0) * np.float32(np.tan(np.radians(d.sp_down_deg)))
+    sp = (v >= sp_v0) & (v <= sp_v0 + sp_dv) & (np.abs(w - sp_w) <= d.sp_half_height_mm) \
+        & (au <= d.sp_half_width_mm)
+    pe = (ped | lamina | sup_ap | inf_ap | tp | sp) & ~body & ~canal
+    pe_cortex = cortex(pe, grid.spacing_zyx)
+    vert = body | pe
+    m_s, v_s, b_s = mat[sl], vertebrae[sl], bodies[sl]
+    m_trab, m_cort = M(T["vertebra"], trab_hu), M(T["vertebra"], cortical_hu)
+    v_s[vert] = vid
+    b_s[body] = vid
+    m_s[vert] = m_trab
+    m_s[pe_cortex | (body & shell)] = m_cort
+    if metal:  # two pedicle screws (6.5 mm), entry at the lamina, tip in the anterior body
+        for side in (-1.0, 1.0):
+            p0 = np.array([side * u0, vc + cb + lam * 0.5, w_ped])
+            p1 = np.array([side * 5.0, -b + 6.0, w_ped])
+            dvec = p1 - p0
+            L2 = float(dvec @ dvec)
+            tt = np.clip(((u - p0[0]) * dvec[0] + (v - p0[1]) * dvec[1] + (w - p0[2]) * dvec[2]) / L2, 0, 1)
+            dist2 = (u - p0[0] - tt * dvec[0]) ** 2 + (v - p0[1] - tt * dvec[1]) ** 2 + (w - p0[2] - tt * dvec[2]) ** 2
+            m = dist2 <= 3.25 ** 2
+            m_s[m] = T["metal"]
+            v_s[m] = vid
+    return out
+
+
+# --- ribs, sacrum, pelvis --------------------------------------------------------------------
+def paint_rib(mat, M, grid, curve, fr, d, name, side, zc, cortical_hu, marrow_hu):
+    """A flat-elliptic tube following the chest wall from the transverse-process tip forward and down."""
+    i = SPINE_LEVELS.index(name)
+    vc, _, _ = canal_geom(d)
+    u0 = d.canal_width_mm / 2 + d.pedicle_width_mm / 2
+    tip = d.tp_tip_mm
+    tp_v = vc + (tip - u0) * np.tan(np.radians(d.tp_posterior_deg))
+    p_tip = fr.to_world(side * tip, tp_v, 0.15 * d.body_height_mm)
+    z0 = float(p_tip[2])
+    sac_z = float(curve.point(curve.sacrum_top_s)[2])
+    A, B, F = (float(x[0]) for x in outline(np.array([z0]), zc, sac_z))
+    x_e = float(fr.origin[0])
+    y_c = float(fr.origin[1]) - OUTLINE_OFFSET_MM
+    inset = F + WALL_MUSCLE_MM + 4.0
+    y_post = float(p_tip[1]) + 8.0
+    y_ant = y_c - (B - inset)
+    Br = (y_post - y_ant) / 2
+    y_e = y_post - Br
+    Ar = A - inset
+    th0 = float(np.arcsin(np.clip(tip / Ar, 0, 0.99)))
+    th_end = {10: 0.55 * np.pi, 11: 0.35 * np.pi}.get(i, 0.85 * np.pi)  # T11/T12 floating ribs
+    drop = 25.0 + 20.0 * i / 11.0  # lower ribs slope more
+    hh, tr = 5.5, 3.0  # half height, half thickness (mm)
+    xa = x_e + side * np.array([tip - 8, Ar + tr + 2])
+    pts = np.array([[xa.min(), y_ant - 8, z0 - drop - 8], [xa.max(), y_post + 8, z0 + 8]])
+    sl = grid.bbox(pts)
+    if sl is None:
+        return
+    X = grid.axis(0, sl[2].start, sl[2].stop)[None, :]
+    Y = grid.axis(1, sl[1].start, sl[1].stop)[:, None]
+    dx = (X - x_e) * side
+    dy = Y - y_e
+    th = np.arctan2(dx / Ar, dy / Br)
+    rho = np.sqrt((dx / Ar) ** 2 + (dy / Br) ** 2)
+    R = np.sqrt((Ar * np.sin(th)) ** 2 + (Br * np.cos(th)) ** 2)
+    dr = (rho - 1.0) * R
+    cand = (np.abs(dr) <= tr) & (th >= th0) & (th <= th_end)
+    iy, ix = np.nonzero(cand)
+    if iy.size == 0:
+        return
+    zc_r = z0 - drop * (th[iy, ix] - th0) / (np.pi - th0)
+    drc = dr[iy, ix]
+    Z = grid.axis(2, sl[0].start, sl[0].stop)[:, None]
+    e = ((Z - zc_r[None]) / hh) ** 2 + (drc[None] / tr) ** 2
+    inside = e <= 1
+    core = ((Z - zc_r[None]) / (hh - 1.2)) ** 2 + (drc[None] / (tr - 1.2)) ** 2 <= 1
+    zz, cc = np.nonzero(inside)
+    gz, gy, gx = zz + sl[0].start, iy[cc] + sl[1].start, ix[cc] + sl[2].start
+    mat[gz, gy, gx] = np.where(core[zz, cc], M(T["rib"], marrow_hu), M(T["rib"], cortical_hu)).astype(np.uint8)
+
+
+def paint_sacrum(mat, M, vertebrae, grid, curve, cortical_hu, trab_hu) -> bool:
+    """Tapering, anteriorly concave block along the tilted sacral axis; sacral canal inside."""
+    L, h1 = 100.0, 14.0
+    fr = curve.sacrum_frame(curve.sacrum_top_s + h1)
+    sl = grid.bbox(box_corners(fr, (-55, 55), (-45, 30), (h1 - L, h1)))
+    if sl is None:
+        return False
+    u, v, w = local_coords(grid, fr, sl)
+    frac = np.clip((h1 - w) / L, 0.0, 1.0)
+    a_s = 50.0 - 36.0 * frac
+    b_s = 18.0 - 8.0 * frac
+    v_cen = -0.003 * (w - h1) ** 2
+    sac = ((u / a_s) ** 2 + ((v - v_cen) / b_s) ** 2 <= 1) & (w <= h1) & (w >= h1 - L)
+    canal = ((u / (11.0 - 5.0 * frac)) ** 2 + ((v - v_cen - 0.55 * b_s) / (5.0 - 2.0 * frac)) ** 2 <= 1) & sac
+    bone = sac & ~canal
+    ctx = cortex(bone, grid.spacing_zyx)
+    m_s, v_s = mat[sl], vertebrae[sl]
+    m_s[canal] = T["canal"]
+    v_s[bone] = VERSE_IDS["sacrum"]
+    m_s[bone] = M(T["sacrum_pelvis"], trab_hu)
+    m_s[ctx] = M(T["sacrum_pelvis"], cortical_hu)
+    return bool(bone.any())
+
+
+def paint_pelvis(mat, M, grid, sac_top_pt, cortical_hu, trab_hu):
+    """Iliac wings: an 8 mm elliptic shell lateral to the sacrum that flares like a bowl from the
+    hip level (90 mm below S1, half-width 90 mm) to the crest (40 mm above S1, 130 mm)."""
+    xs, ys, zs = (float(c) for c in sac_top_pt)
+    cy, Bw, th = ys - 60.0, 75.0, 4.0
+    z_lo, z_hi, a_lo, a_hi = zs - 90.0, zs + 40.0, 90.0, 130.0
+    pts = np.array([[xs - a_hi - 10, cy - 20, z_lo], [xs + a_hi + 10, ys + 30, z_hi]])
+    sl = grid.bbox(pts, margin_mm=0.0)
+    if sl is None:
+        return
+    x, y, z = grid.coords(sl)
+    A = a_lo + (a_hi - a_lo) * np.clip((z - z_lo) / (z_hi - z_lo), 0.0, 1.0)  # (nz, 1, 1)
+    dx, dy = x - xs, y - cy
+    rho = np.sqrt((dx / A) ** 2 + (dy / Bw) ** 2)
+    ang = np.arctan2(dx / A, dy / Bw)
+    R = np.sqrt((A * np.sin(ang)) ** 2 + (Bw * np.cos(ang)) ** 2)
+    m = (np.abs((rho - 1) * R) <= th) & (np.abs(dx) >= 48) & (y >= cy - 15) & (y <= ys + 30) \
+        & (z >= z_lo) & (z <= z_hi)
+    ctx = cortex(m, grid.spacing_zyx)
+    m_s = mat[sl]
+    keep = m & (M.tissue[m_s] != T["sacrum_pelvis"])
+    m_s[keep] = M(T["sacrum_pelvis"], trab_hu)
+    m_s[keep & ctx] = M(T["sacrum_pelvis"], cortical_hu)
