@@ -87,6 +87,26 @@ def test_outputs_written(phantom_run, tmp_path):
     assert not list(tmp_path.glob(".tmp-*"))
 
 
+def test_portal_venous_phantom_is_corrected_to_native():
+    dens = {"L1": 90.0, "L2": 110.0}
+    ph = generate_ct_phantom(CTPhantomConfig(first_level="L1", last_level="L2", spacing_mm=(1.5, 1.5, 1.5),
+                                             densities_mg_cm3=dens, contrast_phase="portal-venous",
+                                             include_sacrum=False, seed=4))
+    seg = _truth_seg(ph)
+    auto = run_bmd(ph.image, seg)
+    assert auto.summary["contrast_phase"]["detected"] == "portal-venous"
+    assert auto.summary["contrast_phase"]["corrected"] is True
+    forced = run_bmd(ph.image, seg, BMDOptions(phase="native"))
+    assert forced.summary["contrast_phase"]["corrected"] is False
+    for name, truth in dens.items():
+        apparent = ph.truth["levels"][name]["apparent_density_mg_cm3"]
+        assert apparent > truth + 3  # the contrast really raises the uncorrected reading
+        # same ROI HU, calibrated once as native-phase tissues (blood used) and once as
+        # portal-venous (blood excluded): compare each against its own truth
+        assert abs(auto.level(name).vbmd_mg_cm3 - truth) < VBMD_TOL_MG_CM3
+        assert abs(forced.level(name).vbmd_mg_cm3 - apparent) < VBMD_TOL_MG_CM3
+
+
 def test_phantom_morphometry_and_genant():
     # every fracture type at every grade across three phantoms; z at 0.75 mm because the grade-1
     # band (20-25 % loss) is ~1.3 mm of a 26 mm body

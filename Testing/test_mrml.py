@@ -424,6 +424,21 @@ def test_logic_with_builtin_segmenter_and_cancel(phantom):
     assert seg.GetNodeReference(mrml.BODIES_REFERENCE_ROLE) is not None  # bodies kept for recompute
 
 
+def test_foreign_segmentation_without_bodies_gets_them_derived(phantom):
+    """A segmentation made elsewhere (no stored bodies, TotalSegmentator-style names)."""
+    ctx = mrml.new_scene()
+    volume = mrml.volume_node_from_image(phantom.image, ctx.scene, "phantom CT")
+    seg = mrml.labels_to_segmentation_node(phantom.vertebrae, volume)  # no bodies
+    for level in PHANTOM_DENSITIES:
+        seg.GetSegmentation().GetSegment(level).SetName(f"vertebrae_{level}")
+    results = SpineBMDLogic(ctx.scene).process(volume, segmentationNode=seg, phase="native")
+    assert any("derived" in w for w in results.warnings)
+    for level, density in PHANTOM_DENSITIES.items():
+        truth = phantom.truth["levels"][level]
+        assert results.level(level).vbmd_mg_cm3 == pytest.approx(density, abs=15.0), level
+        assert results.level(level).body_volume_cm3 == pytest.approx(truth["body_volume_cm3"], rel=0.10), level
+
+
 def test_recompute_after_removing_voxels_from_one_segment(phantom):
     ctx, volume, seg, logic, first = _phantom_run(phantom)
     l1 = mrml.segment_mask(seg, "L1", volume)

@@ -7,7 +7,8 @@ surfaces in 3D (VTK offscreen), the vBMD chart node with the ACR thresholds and 
     .venv/bin/python docs/render_slicer_figures.py            # real CT from ../shared/data
     .venv/bin/python docs/render_slicer_figures.py --phantom  # digital phantom instead
 
-Writes docs/images/spinebmd_views.png, spinebmd_chart.png, spinebmd_table.png.
+Writes docs/images/spinebmd_views.png, spinebmd_chart.png, spinebmd_table.png (and, with
+--icons, the extension and module icons).
 """
 
 from __future__ import annotations
@@ -25,12 +26,51 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import FancyBboxPatch, Polygon, Rectangle  # noqa: E402
 
 from spinekit import levels as lv  # noqa: E402
 from spinekit import mrml  # noqa: E402
 from SpineBMDLib.logic import COLUMN_TITLES, SpineBMDLogic  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "ct_abdomen_3mm"
+
+
+# --- icons: a lateral vertebra stack in the level colours (+ an ACR gauge for SpineBMD) ---
+EDGE = (0.16, 0.18, 0.24)
+
+def _icon_vertebra(ax, x, y, w, h, colour):
+    # lateral view: body (left), pedicle + spinous process (right, pointing down-back)
+    ax.add_patch(Polygon([(x + w - 0.02, y + 0.62 * h), (x + w + 0.10, y + 0.70 * h), (x + w + 0.24, y + 0.30 * h),
+                          (x + w + 0.20, y + 0.18 * h), (x + w + 0.07, y + 0.35 * h), (x + w - 0.02, y + 0.30 * h)],
+                         closed=True, fc=(0.88, 0.88, 0.86), ec=EDGE, lw=1.8, joinstyle="round"))
+    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle=f"round,pad=0,rounding_size={0.22 * h}",
+                                fc=colour, ec=EDGE, lw=2.2))
+
+def _draw_icon(path, names, gauge):
+    fig = plt.figure(figsize=(1.28, 1.28), dpi=100)
+    ax = fig.add_axes([0, 0, 1, 1]); ax.set_xlim(0, 1); ax.set_ylim(0, 1); ax.axis("off")
+    n = len(names); top, bottom = 0.94, 0.06
+    pitch = (top - bottom) / n; h = 0.74 * pitch
+    x0 = 0.10 if gauge else 0.16
+    for i, name in enumerate(names):
+        y = top - (i + 1) * pitch + 0.13 * pitch
+        w = 0.40 + 0.025 * i  # bodies widen caudally
+        _icon_vertebra(ax, x0 + 0.012 * i, y, w, h, lv.colour(name))
+    if gauge:
+        x = 0.84
+        for y0, y1, c in ((0.08, 0.36, (0.84, 0.22, 0.16)), (0.36, 0.58, (0.97, 0.72, 0.16)), (0.58, 0.92, (0.22, 0.68, 0.32))):
+            ax.add_patch(Rectangle((x, y0), 0.11, y1 - y0, fc=c, ec="none"))
+        ax.add_patch(Rectangle((x, 0.08), 0.11, 0.84, fc="none", ec=EDGE, lw=2))
+        ax.add_patch(Polygon([(x - 0.07, 0.47), (x - 0.01, 0.50), (x - 0.07, 0.53)], closed=True, fc=EDGE))
+    fig.savefig(path, dpi=100, transparent=True)
+    plt.close(fig)
+
+
+
+def render_icons() -> None:
+    """Resources/Icons/SpineKit.png and SpineBMD/Resources/Icons/SpineBMD.png (128 x 128)."""
+    _draw_icon(REPO / "Resources" / "Icons" / "SpineKit.png", ["T11", "T12", "L1", "L2", "L3"], gauge=False)
+    _draw_icon(REPO / "SpineBMD" / "Resources" / "Icons" / "SpineBMD.png", ["T12", "L1", "L2", "L3"], gauge=True)
 
 
 def load_case(use_phantom: bool):
@@ -116,7 +156,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--phantom", action="store_true", help="use the digital phantom")
     parser.add_argument("--out", default=str(REPO / "docs" / "images"))
+    parser.add_argument("--icons", action="store_true", help="also redraw the extension and module icons")
     args = parser.parse_args(argv)
+    if args.icons:
+        render_icons()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -111,7 +111,8 @@ def paint_soft_tissue(mat: np.ndarray, grid: Grid, curve: SpineCurve, levels, di
         ai, bi = a - f - WALL_MUSCLE_MM, b - f - WALL_MUSCLE_MM
         r_in = ((X2 - cx) / ai) ** 2 + ((Y2 - cy) / bi) ** 2
         # Behind the bodies and next to the spine the inner compartment is posterior wall muscle.
-        inner = (r_in <= 1) & ~((Y2 > ys_ + d / 2) & (np.abs(X2 - xs_) < w / 2 + 45))
+        back = (((X2 - xs_) / (w / 2 + 45)) ** 2 + ((Y2 - ys_ - d / 2 - 25) / (d / 2 + 40)) ** 2 <= 1) & (Y2 > ys_)
+        inner = (r_in <= 1) & ~back
         t[inner] = T["viscera"]
         # Diaphragm height rises anteriorly (fraction of AP depth from the posterior wall).
         z_dia = z_dia0 + 50.0 * np.clip((cy + bi - Y2) / (2 * bi), 0.0, 1.0)  # (ny, 1)

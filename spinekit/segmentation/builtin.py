@@ -384,18 +384,10 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     report(progress, 0.35, "builtin: vertebral column")
     hu_s = ndi.gaussian_filter(hu, 1.0 / sp)
     bone_c = ndi.binary_closing(bone, structure=_SLICE, iterations=1) | bone
-    filled = ndi.binary_fill_holes(bone_c, structure=_SLICE)
-    holes = filled & ~bone_c
-    hl, _ = ndi.label(holes, structure=_SLICE)
-    zr = np.arange(nz)
-    cyi = np.clip(np.round(canal["cy"]).astype(int), 0, ny - 1)
-    cxi = np.clip(np.round(canal["cx"]).astype(int), 0, nx - 1)
-    canal_holes = np.unique(hl[zr, cyi, cxi])
-    canal_holes = canal_holes[canal_holes > 0]
-    canal_mask = np.isin(hl, canal_holes) if canal_holes.size else np.zeros_like(bone)
-    del hl, holes
     # Solid bone = filled cortical rings (low-density bodies) or trabecular-density voxels.
-    column = ndi.binary_fill_holes(filled | (hu_s > TRABECULAR_HU), structure=_SLICE) & ~canal_mask
+    raw = bone_c | (hu_s > TRABECULAR_HU)
+    del bone_c
+    column = ndi.binary_fill_holes(raw, structure=_SLICE)
     yy = np.arange(ny)[None, :, None]
     xx = np.arange(nx)[None, None, :]
     dy = (yy - canal["cy"][:, None, None]) * sp
@@ -403,8 +395,15 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     box = (dy > -ROI_ANTERIOR_MM) & (dy < ROI_POSTERIOR_MM) & (np.abs(dx) < ROI_LATERAL_MM)
     box[:z_lo] = False
     box[z_hi + 1:] = False
-    # A disc around the canal (radius + margin) is never bone of the column.
+    # The canal inside a closed bony ring is a filled hole: take such holes out again.
     canal_disc = (dy ** 2 + dx ** 2) < (np.maximum(canal["rad"], 3.0 / sp)[:, None, None] * sp) ** 2
+    holes = column & ~raw
+    hl, _ = ndi.label(holes, structure=_SLICE)
+    canal_holes = np.unique(hl[canal_disc & holes])
+    canal_holes = canal_holes[canal_holes > 0]
+    if canal_holes.size:
+        column &= ~np.isin(hl, canal_holes)
+    del hl, holes, raw
     column &= box & ~canal_disc
     front_mm = (canal["front"][:, None, None] - canal["cy"][:, None, None]) * sp  # negative
     anterior = dy < front_mm
