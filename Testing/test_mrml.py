@@ -199,6 +199,22 @@ def test_labels_to_segmentation_names_terminology_colours_geometry(ctx):
     assert back.same_grid(image, tol_mm=1e-6)
 
 
+def test_labels_on_another_grid_land_on_the_volume_grid(ctx):
+    """A label map at half the resolution (as from another tool) is placed by physical position."""
+    volume_image = Image(np.zeros((20, 24, 28), np.int16), spacing_mm=(1.0, 1.0, 1.0), origin_mm=(-5.0, 3.0, 40.0))
+    volume = mrml.volume_node_from_image(volume_image, ctx.scene, "CT")
+    coarse = np.zeros((10, 12, 14), np.uint8)
+    coarse[2:5, 3:7, 4:9] = lv.level_id("L2")  # 3 x 4 x 5 voxels of 2 mm
+    # voxel centres of the coarse grid sit half a fine voxel off: origin shifted by 0.5 mm
+    labels = Image(coarse, spacing_mm=(2.0, 2.0, 2.0), origin_mm=(-4.5, 3.5, 40.5))
+    seg = mrml.labels_to_segmentation_node(labels, volume)
+    fine = mrml.segmentation_node_to_labels(seg, volume).array
+    assert (fine == lv.level_id("L2")).sum() == 8 * coarse.astype(bool).sum()
+    expected = np.zeros(volume_image.shape, bool)
+    expected[4:10, 6:14, 8:18] = True
+    assert np.array_equal(fine == lv.level_id("L2"), expected)
+
+
 def test_foreign_segment_names_and_terminology_are_recognised(ctx):
     image = oblique_image()
     volume = mrml.volume_node_from_image(image, ctx.scene, "CT")
@@ -350,6 +366,7 @@ def test_background_run_reports_progress_and_cancel_sticks():
 
 # --- the Logic on a phantom and on real CT -----------------------------------------------------
 PHANTOM_DENSITIES = {"T12": 150.0, "L1": 110.0, "L2": 70.0, "L3": 130.0}
+# vBMD through the MRML path must match the phantom truth to 10 mg/cm3 (measured: within 4).
 
 
 @pytest.fixture(scope="module")
@@ -395,7 +412,12 @@ def test_logic_on_phantom_volume_node(phantom):
         row = mrml.table_column(table, "level").index(level)
         measured = mrml.table_column(table, "vbmd_mg_cm3")[row]
         assert measured == pytest.approx(results.level(level).vbmd_mg_cm3)
-        assert measured == pytest.approx(density, abs=15.0), level
+        assert measured == pytest.approx(density, abs=10.0), level
+    # The measured trabecular ROIs are shown too, each inside its own level's body.
+    roi = mrml.segmentation_node_to_labels(results.roiSegmentationNode, volume).array
+    assert np.array_equal(roi, results.bmd.roi_labels)
+    assert roi.any() and np.all(phantom.bodies.array[roi > 0] == roi[roi > 0])
+    assert seg.GetNodeReference(mrml.ROI_REFERENCE_ROLE) is results.roiSegmentationNode
     # Chart: the same numbers, cranio-caudal.
     series = mrml.chart_series(results.chartNode)["vBMD"]
     assert series["labels"] == [r.level for r in sorted(results.bmd.levels, key=lambda r: lv.order_index(r.level))]
@@ -435,7 +457,7 @@ def test_foreign_segmentation_without_bodies_gets_them_derived(phantom):
     assert any("derived" in w for w in results.warnings)
     for level, density in PHANTOM_DENSITIES.items():
         truth = phantom.truth["levels"][level]
-        assert results.level(level).vbmd_mg_cm3 == pytest.approx(density, abs=15.0), level
+        assert results.level(level).vbmd_mg_cm3 == pytest.approx(density, abs=10.0), level
         assert results.level(level).body_volume_cm3 == pytest.approx(truth["body_volume_cm3"], rel=0.10), level
 
 
@@ -454,6 +476,16 @@ def test_recompute_after_removing_voxels_from_one_segment(phantom):
     assert after.vbmd_mg_cm3 != before.vbmd_mg_cm3
     for level in ("T12", "L2", "L3"):  # untouched levels: same bodies, same volume
         assert second.level(level).body_volume_cm3 == pytest.approx(first.level(level).body_volume_cm3)
+    # Paint the erased part back: L1's body is derived again from the repaired vertebra and
+    # comes back to the phantom's body volume; the other levels keep their bodies.
+    mrml.set_segment_mask(seg, "L1", l1, volume)
+    third = logic.recompute(volume, seg, phase="native", age=65, sex="F")
+    assert any("re-derived" in w and "L1" in w for w in third.warnings)
+    truth = phantom.truth["levels"]["L1"]["body_volume_cm3"]
+    assert third.level("L1").body_volume_cm3 == pytest.approx(truth, rel=0.10)
+    assert third.level("L1").vbmd_mg_cm3 == pytest.approx(PHANTOM_DENSITIES["L1"], abs=10.0)
+    for level in ("T12", "L2", "L3"):
+        assert third.level(level).body_volume_cm3 == pytest.approx(first.level(level).body_volume_cm3)
 
 
 def test_logic_on_real_ct_with_totalsegmentator_labels(tmp_path):
@@ -551,7 +583,110 @@ def test_module_logic_runs_the_console_api(stubbed_slicer_module, ctx, phantom):
     results = logic.finish(state.result, context)
     assert results.segmentationNode is seg and results.tableNode is not None
     assert mrml.table_column(results.tableNode, "vbmd_mg_cm3")[mrml.table_column(results.tableNode, "level").index("L1")] \
-        == pytest.approx(PHANTOM_DENSITIES["L1"], abs=15.0)
+        == pytest.approx(PHANTOM_DENSITIES["L1"], abs=10.0)
     # Blocking call: the same numbers.
     blocking = logic.process(volume, inputSegmentation=seg, phase="native")
     assert blocking.level("L1").vbmd_mg_cm3 == pytest.approx(results.level("L1").vbmd_mg_cm3)
+
+
+class _FakeWidget:
+    """Stands in for a Qt widget: properties are plain attributes, methods do nothing."""
+
+    def __init__(self, **props):
+        self.enabled, self.text, self.toolTip, self.value, self.visible = True, "", "", 0, True
+        self.__dict__.update(props)
+
+    def show(self):
+        self.visible = True
+
+    def hide(self):
+        self.visible = False
+
+    def __getattr__(self, name):  # connect, setFormat, ...
+        return lambda *args, **kwargs: None
+
+
+def test_widget_apply_cancel_recompute_flow(stubbed_slicer_module, ctx, phantom, monkeypatch):
+    """The Widget's Apply -> poll -> results, Apply-as-Cancel and Recompute, Qt stubbed."""
+    import contextlib
+    import types
+
+    SpineBMD = stubbed_slicer_module
+
+    @contextlib.contextmanager
+    def plain(*args, **kwargs):  # errors surface in the test instead of a message box
+        yield
+
+    monkeypatch.setattr(slicer.util, "tryWithErrorDisplay", plain)
+    errors = []
+    monkeypatch.setattr(slicer.util, "errorDisplay", lambda text, **kw: errors.append((text, kw)))
+    shown = []
+    monkeypatch.setattr(SpineBMD.SpineBMDLogic, "showInViews", staticmethod(shown.append))
+    sys.modules["qt"].QTimer.start = sys.modules["qt"].QTimer.stop = lambda self, *a: None
+
+    volume = mrml.volume_node_from_image(phantom.image, ctx.scene, "phantom CT")
+    seg = mrml.labels_to_segmentation_node(phantom.vertebrae, volume, bodies=phantom.bodies)
+    widget = SpineBMD.SpineBMDWidget()
+    widget.ui = types.SimpleNamespace(**{n: _FakeWidget() for n in (
+        "applyButton", "recomputeButton", "exportButton", "progressBar", "statusLabel")})
+    widget.logic = SpineBMD.SpineBMDLogic()
+    widget._parameterNode = types.SimpleNamespace(
+        inputVolume=volume, inputSegmentation=seg, calibration="phantomless", calibrationTable=".",
+        contrastPhase="native",
+        roiMode="whole", age=65.0, sex="F", outputSegmentation=None, outputTable=None, outputChart=None)
+
+    def run_to_end():
+        for _ in range(600):
+            if widget._run is None:
+                return
+            time.sleep(0.1)
+            widget._poll()
+        raise AssertionError("the background run did not finish")
+
+    widget._checkCanApply()
+    assert widget.ui.applyButton.enabled and widget.ui.applyButton.text == "Apply"
+    assert not widget.ui.recomputeButton.enabled or widget._parameterNode.inputSegmentation is not None
+    assert not widget.ui.exportButton.enabled  # nothing to export yet
+
+    widget.onApplyButton()
+    assert widget.ui.applyButton.text == "Cancel" and widget.ui.progressBar.visible
+    run_to_end()
+    assert not errors, errors
+    assert widget.ui.applyButton.text == "Apply" and not widget.ui.progressBar.visible
+    assert widget.ui.statusLabel.text.startswith("L1-L2 vBMD") and "mg/cm3" in widget.ui.statusLabel.text
+    assert widget.ui.statusLabel.toolTip == "\n".join(widget._results.warnings)
+    assert widget._parameterNode.outputTable is not None and widget._parameterNode.outputChart is not None
+    assert widget._parameterNode.outputSegmentation is seg and len(shown) == 1
+    assert widget.ui.exportButton.enabled and widget.ui.recomputeButton.enabled
+    first_l1 = widget._results.level("L1")
+
+    # Apply again, and press the same button (now Cancel) at once: the run stops, nothing shown.
+    widget.onApplyButton()
+    widget.onApplyButton()
+    run_to_end()
+    assert widget.ui.statusLabel.text == "Cancelled." and len(shown) == 1 and not errors
+
+    # Edit L1 and Recompute: the user's node is measured as it is now.
+    l1 = mrml.segment_mask(seg, "L1", volume)
+    zs = np.nonzero(l1.any(axis=(1, 2)))[0]
+    l1[zs[len(zs) // 2]:] = False
+    mrml.set_segment_mask(seg, "L1", l1, volume)
+    widget.onRecomputeButton()
+    run_to_end()
+    assert not errors, errors
+    assert widget._results.segmentationNode is seg
+    assert widget._results.level("L1").body_volume_cm3 < 0.75 * first_l1.body_volume_cm3
+    assert np.array_equal(mrml.segment_mask(seg, "L1", volume), l1)  # the edit was not overwritten
+    # A volume that is not a CT in HU: the user sees one sentence, no traceback.
+    not_ct = mrml.volume_node_from_image(phantom.image.with_array(np.abs(phantom.image.array) + 1), ctx.scene, "MR")
+    widget._parameterNode.inputVolume, widget._parameterNode.inputSegmentation = not_ct, None
+    widget.onApplyButton()
+    run_to_end()
+    assert widget.ui.statusLabel.text == "Failed." and len(errors) == 1
+    text, extra = errors[0]
+    assert "Hounsfield" in text and not extra.get("detailedText") and text.count(".") == 1
+    widget._parameterNode.inputVolume, widget._parameterNode.inputSegmentation = volume, seg
+    # Re-runs reuse their nodes: the vertebrae + one ROI segmentation, one table, one chart.
+    assert ctx.scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 2
+    assert ctx.scene.GetNodesByClass("vtkMRMLPlotChartNode").GetNumberOfItems() == 1
+    assert ctx.scene.GetNodesByClass("vtkMRMLPlotSeriesNode").GetNumberOfItems() == 3

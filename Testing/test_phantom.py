@@ -136,7 +136,7 @@ def test_fracture_heights_follow_genant_grade(default_phantom):
         loss = 1 - t[key]
         assert lo < loss < hi, (name, loss)
         h = _measure_heights(default_phantom, name)
-        ref = h[2] if kind != "crush" else t["height_normal_mm"]
+        ref = h[2] if kind != "crush" else t["height_posterior_normal_mm"]
         measured_loss = 1 - h[which] / ref
         assert measured_loss == pytest.approx(loss, abs=0.08), (name, h)
     for name in ("T10", "T11", "L2", "L4", "L5"):
@@ -214,8 +214,9 @@ def test_determinism_by_seed():
     assert a.image.array.dtype == np.int16 and a.vertebrae.array.dtype == np.uint8
 
 
-@pytest.mark.parametrize("phase,aorta,ivc", [("arterial", 300.0, 90.0), ("portal-venous", 160.0, 150.0)])
-def test_contrast_enhancement_obeys_toelly(phase, aorta, ivc):
+@pytest.mark.parametrize("phase,aorta,ivc,portal", [("arterial", 300.0, 90.0, 120.0),
+                                                     ("portal-venous", 160.0, 150.0, 180.0)])
+def test_contrast_enhancement_obeys_toelly(phase, aorta, ivc, portal):
     a, b = {"arterial": (-2.287, 0.964), "portal-venous": (-4.517, 0.978)}[phase]
     ph = generate_ct_phantom(spacing_mm=(2.0, 2.0, 2.0), first_level="L1", last_level="L4", contrast_phase=phase,
                              include_sacrum=False, seed=1)
@@ -228,7 +229,7 @@ def test_contrast_enhancement_obeys_toelly(phase, aorta, ivc):
         apparent = physics.density_from_hu(img[core].mean(), 70.0)
         tol = (_mean_tol(10.0, int(core.sum()), ksq) + 1.0) / physics.mineral_hu_per_mg_cm3(70.0)
         assert a + b * apparent == pytest.approx(t["density_mg_cm3"], abs=b * tol + 1e-6), name
-    for tissue, hu in (("aorta", aorta), ("ivc", ivc)):
+    for tissue, hu in (("aorta", aorta), ("ivc", ivc), ("portal_vein", portal)):
         m = _erode_mm(ph.tissues.array == TISSUE_IDS[tissue], (2, 2, 2), 2.0)
         assert abs(img[m].mean() - hu) < _mean_tol(10.0, int(m.sum()), ksq) + 1.0
         assert ph.truth["tissue_hu"][tissue] == hu
@@ -255,6 +256,18 @@ def test_calibration_rods_follow_k2hpo4_physics():
     sigma = np.polyfit(hus, k_hu, 1)[0]
     expect = physics.mass_attenuation_cm2_g("k2hpo4", 70) / 1000 * 1000 / (mu_w - mu_a)
     assert sigma == pytest.approx(expect, rel=1e-6)
+
+
+def test_basivertebral_vein_is_inside_bodies_and_reads_blood():
+    ph = generate_ct_phantom(spacing_mm=(1.0, 1.0, 1.0), first_level="L2", last_level="L3", include_sacrum=False,
+                             basivertebral_vein=True, noise_hu=0.0)
+    vein = ph.tissues.array == TISSUE_IDS["basivertebral_vein"]
+    assert vein.sum() > 50
+    assert set(np.unique(ph.bodies.array[vein])) == {VERSE_IDS["L2"], VERSE_IDS["L3"]}
+    core = _erode_mm(vein, (1.0, 1.0, 1.0), 1.0)
+    assert np.abs(ph.image.array[core] - physics.tissue_hu("blood", 70)).max() <= 0.5 + 1e-6
+    assert not (generate_ct_phantom(spacing_mm=(3.0,) * 3, first_level="L2", last_level="L2").tissues.array
+                == TISSUE_IDS["basivertebral_vein"]).any()
 
 
 def test_metal_only_in_requested_level():
@@ -295,6 +308,32 @@ def test_slice_thickness_keeps_noise_sd():
     m = _erode_mm(ph.tissues.array == TISSUE_IDS["subcutaneous_fat"], (2, 2, 1), 3.0)
     assert ph.image.array[m].std() == pytest.approx(12.0, rel=0.12)
     assert ph.truth["scanner"]["slice_thickness_mm"] == 3.0
+    # Slice profile: a 5 mm FWHM smears the 1 mm endplate along z but leaves the core's HU alone.
+    kw = dict(spacing_mm=(2.0, 2.0, 1.0), first_level="L2", last_level="L2", include_sacrum=False, noise_hu=0.0,
+              lordosis_deg=0.0, kyphosis_deg=0.0)
+    thin, thick = generate_ct_phantom(**kw), generate_ct_phantom(slice_thickness_mm=5.0, **kw)
+    t = thin.truth["levels"]["L2"]
+    iz, iy, ix = np.round(thin.image.physical_to_index(np.array([t["center_lps_mm"]]))[0]).astype(int)
+    col_thin, col_thick = thin.image.array[:, iy, ix].astype(float), thick.image.array[:, iy, ix].astype(float)
+    assert col_thin.max() > t["true_trabecular_hu"] + 800  # endplate cortex resolved in thin slices
+    assert col_thick.max() < col_thin.max() - 500
+    assert col_thick[iz] == pytest.approx(t["true_trabecular_hu"], abs=1.0)
+
+
+def test_progress_is_reported_and_cancel_stops():
+    from spinekit.progress import Cancelled
+
+    seen = []
+    generate_ct_phantom(spacing_mm=(3.0, 3.0, 3.0), first_level="L1", last_level="L2", include_sacrum=False,
+                        progress=lambda f, msg: seen.append(f))
+    assert seen[0] == 0.0 and seen[-1] == 1.0 and np.all(np.diff(seen) >= 0)
+
+    def cancel(f, msg):
+        if f > 0.2:
+            raise Cancelled()
+
+    with pytest.raises(Cancelled):
+        generate_ct_phantom(spacing_mm=(3.0, 3.0, 3.0), first_level="L1", last_level="L2", progress=cancel)
 
 
 def test_bad_configuration_raises_input_error():
@@ -347,6 +386,30 @@ def test_render_previews(tmp_path, default_phantom):
     nz, ny, _ = default_phantom.image.shape
     assert sag.shape[0] / sag.shape[1] == pytest.approx(nz * SP[2] / (ny * SP[1]), rel=0.05)
     assert sag[..., :3].std() > 0.05
+
+
+# --- realism against a real CT (TotalSegmentator reference in ../shared/data) ------------------
+@pytest.mark.realdata
+def test_sizes_are_those_of_a_real_adult_spine(shared_data, default_phantom):
+    """Lumbar body heights/volumes and aortic calibre within 30 % of a real abdominal CT
+    (TotalSegmentator's spine report and `total` labels of the shared test case)."""
+    ref = json.loads((shared_data / "ct_abdomen_3mm" / "ts_spine_report.json").read_text())["results"]
+    lv = default_phantom.truth["levels"]
+    for name in ("L1", "L2", "L3", "L4", "L5"):
+        t = lv[name]
+        if t["genant_grade"]:
+            continue
+        vol_ref = ref[f"vertebrae_{name}_volume_ml"]
+        assert t["body_volume_cm3"] == pytest.approx(vol_ref, rel=0.30), name
+        for where in ("anterior", "middle", "posterior"):
+            assert t[f"height_{where}_mm"] == pytest.approx(ref[f"vertebrae_{name}_height_{where}_mm"], rel=0.30)
+    labels = read_image(shared_data / "ct_abdomen_3mm" / "ct_crop30_ts_total.nii.gz")
+    area_ref = (labels.array == 52).sum(axis=(1, 2)) * labels.spacing_mm[0] * labels.spacing_mm[1]
+    d_ref = np.median(2 * np.sqrt(area_ref[area_ref > 0] / np.pi))
+    aorta = default_phantom.tissues.array == TISSUE_IDS["aorta"]
+    z_l2 = default_phantom.image.physical_to_index(np.array([lv["L2"]["center_lps_mm"]]))[0, 0]
+    area = aorta[int(round(z_l2))].sum() * SP[0] * SP[1]
+    assert 2 * np.sqrt(area / np.pi) == pytest.approx(d_ref, rel=0.30)
 
 
 # --- benchmark (not collected by pytest: run `python Testing/test_phantom.py`) ---------------------

@@ -179,6 +179,11 @@ def test_extension_cmakelists_has_metadata_and_modules():
         value = re.search(rf'set\({key}\s+"([^"]*)"\)', text)
         assert value and value.group(1).strip(), f"{key} is empty"
     assert (REPO / "Resources" / "Icons" / "SpineKit.png").is_file()
+    # Icon and screenshot URLs point at files this repository holds (raw URLs on the main branch).
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in re.search(rf'set\({key}\s+"([^"]*)"\)', text).group(1).split():
+            rel = url.split("/main/", 1)[1]
+            assert (REPO / rel).is_file(), f"{key}: {rel} is not in the repository"
     assert "PyTorch" in re.search(r'set\(EXTENSION_DEPENDS\s+"([^"]*)"\)', text).group(1)
 
 
@@ -197,10 +202,11 @@ def test_every_spinekit_file_is_installed_with_the_extension():
     package = REPO / "spinekit"
     py = {str(p.relative_to(REPO)) for p in package.rglob("*.py") if "__pycache__" not in p.parts}
     data = {str(p.relative_to(REPO)) for p in (package / "data").rglob("*") if p.is_file()} if (package / "data").is_dir() else set()
-    assert not (py - scripts), f"CMakeLists.txt SPINEKIT_PYTHON_SCRIPTS misses {sorted(py - scripts)}"
-    assert not (data - resources), f"CMakeLists.txt SPINEKIT_PYTHON_RESOURCES misses {sorted(data - resources)}"
+    fix = " (python Testing/test_slicer_module_static.py --update rewrites the list)"
+    assert not (py - scripts), f"CMakeLists.txt SPINEKIT_PYTHON_SCRIPTS misses {sorted(py - scripts)}{fix}"
+    assert not (data - resources), f"CMakeLists.txt SPINEKIT_PYTHON_RESOURCES misses {sorted(data - resources)}{fix}"
     stale = {p for p in scripts | resources if not (REPO / p).is_file()}
-    assert not stale, f"CMakeLists.txt lists files that do not exist: {sorted(stale)}"
+    assert not stale, f"CMakeLists.txt lists files that do not exist: {sorted(stale)}{fix}"
     assert "ctkMacroCompilePythonScript(" in cmake.read_text()
 
 
@@ -212,3 +218,56 @@ def test_extensions_index_entry():
     assert isinstance(entry["build_dependencies"], list) and "PyTorch" in entry["build_dependencies"]
     homepage = re.search(r'set\(EXTENSION_HOMEPAGE\s+"([^"#]*)', (REPO / "CMakeLists.txt").read_text()).group(1)
     assert entry["scm_url"][: -len(".git")].rstrip("/") == homepage.rstrip("/")
+
+
+def spinekit_file_lists() -> tuple[list[str], list[str]]:
+    """(python files, data files) of the spinekit package, repository-relative, sorted."""
+    package = REPO / "spinekit"
+    files = [p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    scripts = sorted(str(p.relative_to(REPO)) for p in files if p.suffix == ".py")
+    data = sorted(str(p.relative_to(REPO)) for p in files if p.suffix != ".py" and p.suffix != ".pyc"
+                  and "data" in p.relative_to(package).parts[:1])
+    return scripts, data
+
+
+def update_cmake_lists() -> None:
+    """Rewrite the spinekit file lists in the top-level CMakeLists.txt (between the markers)."""
+    cmake = REPO / "CMakeLists.txt"
+    text = cmake.read_text()
+    scripts, data = spinekit_file_lists()
+    block = ("# BEGIN spinekit files\nset(SPINEKIT_PYTHON_SCRIPTS\n" + "".join(f"  {s}\n" for s in scripts)
+             + "  )\n\nset(SPINEKIT_PYTHON_RESOURCES\n" + "".join(f"  {d}\n" for d in data) + "  )\n# END spinekit files")
+    new = re.sub(r"# BEGIN spinekit files.*?# END spinekit files", lambda m: block, text, flags=re.S)
+    cmake.write_text(new)
+    print(f"{cmake}: {len(scripts)} scripts, {len(data)} data files listed")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--update" in sys.argv:
+        update_cmake_lists()
+
+
+def test_module_imports_without_the_optional_packages():
+    """SpineBMDLib (what SpineBMD.py imports at load time) must import in a Slicer whose Python
+    lacks the packages that are installed on first use: block them and import."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys, importlib.abc
+BLOCKED = {{"scipy", "pandas", "xraylib", "skimage", "matplotlib", "pydicom", "torch", "monai", "sklearn"}}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError("blocked: " + name)
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, {str(REPO / "SpineBMD")!r})
+import SpineBMDLib, spinekit.mrml
+from SpineBMDLib import dependencies
+print(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

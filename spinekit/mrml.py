@@ -37,6 +37,8 @@ ACR_THRESHOLDS_MG_CM3 = {"osteopenia below": 120.0, "osteoporosis below": 80.0}
 
 # Attribute / reference names that tie result nodes together (so "recompute" needs no state).
 BODIES_REFERENCE_ROLE = "spinekit.bodies"
+ROI_REFERENCE_ROLE = "spinekit.roi"
+VERTEBRAE_REFERENCE_ROLE = "spinekit.vertebrae"
 SOURCE_ATTRIBUTE = "spinekit.source"
 METADATA_ATTRIBUTE = "spinekit.metadata"
 
@@ -84,10 +86,6 @@ def new_scene() -> MRMLContext:
     seg_logic.SetMRMLScene(scene)
     app.SetModuleLogic("Segmentations", seg_logic)
     return MRMLContext(scene, app, seg_logic, sh_logic, colour_logic)
-
-
-def _scene_of(node_or_scene):
-    return node_or_scene if node_or_scene.IsA("vtkMRMLScene") else node_or_scene.GetScene()
 
 
 # --- geometry ------------------------------------------------------------------------------
@@ -147,14 +145,11 @@ def image_from_volume_node(node, metadata: Optional[dict] = None) -> Image:
     if node is None or node.GetImageData() is None:
         name = node.GetName() if node is not None else "None"
         raise InputError(f"volume '{name}' has no voxel data.")
-    from vtk.util import numpy_support
-
     image_data = node.GetImageData()
     if image_data.GetNumberOfScalarComponents() != 1:
         raise InputError(f"volume '{node.GetName()}' has {image_data.GetNumberOfScalarComponents()} "
                          "components; a single-component (grey or label) volume is needed.")
-    nx, ny, nz = image_data.GetDimensions()
-    array = numpy_support.vtk_to_numpy(image_data.GetPointData().GetScalars()).reshape(nz, ny, nx).copy()
+    array = array_from_volume_node(node)
     spacing, origin, direction = geometry_from_ijk_to_ras(_volume_ijk_to_ras(node))
     meta = {"name": node.GetName()}
     stored = node.GetAttribute(METADATA_ATTRIBUTE)
@@ -277,15 +272,31 @@ def style_segment(segment, level: str) -> None:
 
 
 # --- labels <-> segmentation ---------------------------------------------------------------
+def on_volume_grid(array: np.ndarray, volume_node, what: str = "label array") -> Image:
+    """An array ([z, y, x]) on a volume node's grid as an Image, without copying the volume."""
+    array = np.asarray(array)
+    nx, ny, nz = volume_node.GetImageData().GetDimensions()
+    if array.shape != (nz, ny, nx):
+        raise InputError(f"{what} shape {array.shape} does not match volume "
+                         f"'{volume_node.GetName()}' shape {(nz, ny, nx)}.")
+    spacing, origin, direction = geometry_from_ijk_to_ras(_volume_ijk_to_ras(volume_node))
+    return Image(array=array, spacing_mm=spacing, origin_mm=origin, direction=direction)
+
+
 def _as_labels(labels, volume_node) -> Image:
     if isinstance(labels, Image):
         return labels
-    reference = image_from_volume_node(volume_node)
+    return on_volume_grid(labels, volume_node)
+
+
+def _keep_only(labels: np.ndarray, ids: list[int]) -> np.ndarray:
+    """uint8 labels with every value outside ``ids`` set to 0 (a lookup table: one pass)."""
     labels = np.asarray(labels)
-    if labels.shape != reference.shape:
-        raise InputError(f"label array shape {labels.shape} does not match volume "
-                         f"'{volume_node.GetName()}' shape {reference.shape}.")
-    return reference.with_array(labels)
+    if labels.dtype.kind not in "iu" or (labels.size and labels.min() < 0):
+        return np.where(np.isin(labels, ids), labels, 0).astype(np.uint8)
+    lut = np.zeros(int(labels.max(initial=0)) + 1, dtype=np.uint8)
+    lut[[i for i in ids if i < lut.size]] = [i for i in ids if i < lut.size]
+    return lut[labels]
 
 
 def labels_to_segmentation_node(labels, volume_node, name: Optional[str] = None, node=None,
@@ -314,7 +325,7 @@ def labels_to_segmentation_node(labels, volume_node, name: Optional[str] = None,
     node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
     # One shared labelmap (Slicer's layer model): every segment references the same oriented
     # image and is told its label value; segment ID = name = level.
-    clean = np.where(np.isin(labels.array, ids), labels.array, 0).astype(np.uint8)
+    clean = _keep_only(labels.array, ids)
     temp = volume_node_from_image(labels.with_array(clean), scene, "__spinekit_labels__", labelmap=True)
     try:
         oriented = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(temp)
@@ -335,22 +346,32 @@ def labels_to_segmentation_node(labels, volume_node, name: Optional[str] = None,
     node.EndModify(was_modifying)
     node.SetAttribute(SOURCE_ATTRIBUTE, "spinekit")
     if bodies is not None:
-        set_bodies(node, bodies, volume_node)
+        set_bodies(node, bodies, volume_node, vertebrae=labels)
     place_beside(node, volume_node)
     return node
 
 
-def set_bodies(segmentation_node, bodies, volume_node):
-    """Store vertebral-body labels (VerSe ids) as a hidden label map referenced by the node."""
+def _hidden_labels(segmentation_node, role: str, labels: Image, suffix: str):
     scene = segmentation_node.GetScene()
-    bodies = _as_labels(bodies, volume_node)
-    bodies_node = segmentation_node.GetNodeReference(BODIES_REFERENCE_ROLE)
-    if bodies_node is None:
-        bodies_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode",
-                                              f"{segmentation_node.GetName()} bodies")
-        bodies_node.SetHideFromEditors(True)
-        segmentation_node.SetNodeReferenceID(BODIES_REFERENCE_ROLE, bodies_node.GetID())
-    volume_node_from_image(bodies.with_array(bodies.array.astype(np.uint8)), scene, node=bodies_node)
+    node = segmentation_node.GetNodeReference(role)
+    if node is None:
+        node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", f"{segmentation_node.GetName()} {suffix}")
+        node.SetHideFromEditors(True)
+        segmentation_node.SetNodeReferenceID(role, node.GetID())
+    volume_node_from_image(labels.with_array(np.asarray(labels.array).astype(np.uint8)), scene, node=node)
+    return node
+
+
+def set_bodies(segmentation_node, bodies, volume_node, vertebrae=None):
+    """Store vertebral-body labels (VerSe ids) as a hidden label map referenced by the node,
+    with the vertebra labels they belong to (so a later edit can be told apart: erased voxels
+    leave the body, painted ones get a body derived for that level)."""
+    bodies_node = _hidden_labels(segmentation_node, BODIES_REFERENCE_ROLE, _as_labels(bodies, volume_node),
+                                 "bodies")
+    if vertebrae is None:
+        vertebrae = segmentation_node_to_labels(segmentation_node, volume_node)
+    _hidden_labels(segmentation_node, VERTEBRAE_REFERENCE_ROLE, _as_labels(vertebrae, volume_node),
+                   "vertebrae at measurement")
     return bodies_node
 
 
@@ -381,12 +402,8 @@ def set_segment_mask(segmentation_node, level: str, mask: np.ndarray, volume_nod
     if seg_id is None:
         raise InputError(f"segmentation '{segmentation_node.GetName()}' has no segment for {level}.")
     scene = volume_node.GetScene()
-    reference = image_from_volume_node(volume_node)
-    mask = np.asarray(mask, dtype=bool)
-    if mask.shape != reference.shape:
-        raise InputError(f"mask shape {mask.shape} does not match volume '{volume_node.GetName()}' {reference.shape}.")
-    temp = volume_node_from_image(reference.with_array(mask.astype(np.uint8)), scene, "__spinekit_mask__",
-                                  labelmap=True)
+    mask = on_volume_grid(np.asarray(mask, dtype=bool).astype(np.uint8), volume_node, "mask")
+    temp = volume_node_from_image(mask, scene, "__spinekit_mask__", labelmap=True)
     try:
         oriented = slicer.vtkSlicerSegmentationsModuleLogic.CreateOrientedImageDataFromVolumeNode(temp)
         logic = slicer.vtkSlicerSegmentationsModuleLogic
@@ -431,17 +448,22 @@ def segmentation_node_to_labels(segmentation_node, volume_node) -> Image:
     lut = np.zeros(len(order) + 1, dtype=np.uint8)
     for i, level in enumerate(order):
         lut[i + 1] = lv.level_id(level)
-    reference = image_from_volume_node(volume_node)
-    return reference.with_array(lut[exported.array.astype(np.int64)], name=segmentation_node.GetName())
+    values = exported.array if exported.array.dtype.kind in "iu" else exported.array.astype(np.int64)
+    out = on_volume_grid(lut[values], volume_node)  # small ints index the table directly
+    out.metadata["name"] = segmentation_node.GetName()
+    return out
 
 
-def bodies_of(segmentation_node, volume_node) -> Optional[Image]:
-    """The stored vertebral-body labels of a SpineKit segmentation node (None if absent)."""
-    bodies_node = segmentation_node.GetNodeReference(BODIES_REFERENCE_ROLE)
+def bodies_of(segmentation_node, volume_node, role: str = BODIES_REFERENCE_ROLE) -> Optional[Image]:
+    """The stored vertebral-body labels of a SpineKit segmentation node (None if absent or not
+    on the volume's grid); ``role=VERTEBRAE_REFERENCE_ROLE`` gives the vertebrae they came from."""
+    bodies_node = segmentation_node.GetNodeReference(role)
     if bodies_node is None or bodies_node.GetImageData() is None:
         return None
     bodies = image_from_volume_node(bodies_node)
-    if not bodies.same_grid(image_from_volume_node(volume_node)):
+    nx, ny, nz = volume_node.GetImageData().GetDimensions()
+    # Same grid as the volume (shape first: on_volume_grid refuses other shapes).
+    if bodies.shape != (nz, ny, nx) or not bodies.same_grid(on_volume_grid(bodies.array, volume_node)):
         return None
     return bodies
 

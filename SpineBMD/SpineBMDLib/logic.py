@@ -67,6 +67,7 @@ class SpineBMDResults:
     segmentationNode: Any = None
     tableNode: Any = None
     chartNode: Any = None
+    roiSegmentationNode: Any = None   # the trabecular ROIs measured (QC)
     summary_line: str = ""
     warnings: list[str] = field(default_factory=list)
 
@@ -99,6 +100,8 @@ class SpineBMDLogic:
     """Qt-free SpineBMD logic (the module's ScriptedLoadableModuleLogic delegates to it)."""
 
     def __init__(self, scene=None):
+        # New nodes always go into the input volume's scene; ``scene`` is where a console
+        # user's nodes live (slicer.mrmlScene inside Slicer) and is kept for reference.
         self._scene = scene
 
     @property
@@ -137,21 +140,35 @@ class SpineBMDLogic:
         """Segmentation node (possibly edited in Segment Editor) -> spinekit SegmentationResult.
 
         Vertebral bodies: the ones SpineBMD stored with the node, minus every voxel the user
-        removed from (or moved to another level of) the vertebra segments; for a foreign
-        segmentation they are derived from the vertebrae by the label-map backend."""
-        from spinekit.segmentation import segment
+        erased from (or moved to another level of) a vertebra segment; a level that gained
+        voxels (painted) gets its body derived again from its edited vertebra. A foreign
+        segmentation (nothing stored) has all bodies derived by the label-map backend."""
+        from spinekit.segmentation import bodies_from_vertebrae, segment
         from spinekit.segmentation.base import SegmentationResult, records_from_labels
 
         vertebrae = mrml.segmentation_node_to_labels(segmentationNode, inputVolume)
         stored = mrml.bodies_of(segmentationNode, inputVolume)
-        if stored is not None:
-            bodies = np.where(stored.array == vertebrae.array, stored.array, 0).astype(np.uint8)
-            vertebrae_u8 = vertebrae.array.astype(np.uint8)
-            return SegmentationResult(
-                vertebrae=vertebrae.with_array(vertebrae_u8), bodies=vertebrae.with_array(bodies),
-                levels=records_from_labels(vertebrae_u8, bodies), backend="slicer-segmentation")
-        image = image if image is not None else mrml.image_from_volume_node(inputVolume)
-        return segment(image, backend="labelmap", labels=vertebrae, convention="verse")
+        if stored is None:
+            image = image if image is not None else mrml.image_from_volume_node(inputVolume)
+            return segment(image, backend="labelmap", labels=vertebrae, convention="verse")
+        vertebrae_u8 = vertebrae.array.astype(np.uint8)
+        bodies = np.where(stored.array == vertebrae_u8, stored.array, 0).astype(np.uint8)
+        before = mrml.bodies_of(segmentationNode, inputVolume, role=mrml.VERTEBRAE_REFERENCE_ROLE)
+        warnings = []
+        if before is not None:
+            painted = (vertebrae_u8 != before.array) & (vertebrae_u8 > 0)
+            grown = sorted(int(v) for v in np.unique(vertebrae_u8[painted]))
+            if grown:
+                derived = bodies_from_vertebrae(vertebrae.with_array(vertebrae_u8))
+                for vid in grown:
+                    level = vertebrae_u8 == vid
+                    bodies[level] = np.where(derived[level] == vid, vid, 0)
+                warnings.append("vertebral bodies re-derived from the edited vertebrae for "
+                                + ", ".join(lv.level_name(v) for v in grown) + " (voxels were added).")
+        return SegmentationResult(
+            vertebrae=vertebrae.with_array(vertebrae_u8), bodies=vertebrae.with_array(bodies),
+            levels=records_from_labels(vertebrae_u8, bodies, image=vertebrae), backend="slicer-segmentation",
+            warnings=warnings)
 
     # --- step 2: compute (any thread, no MRML) ------------------------------------------
     @staticmethod
@@ -177,7 +194,9 @@ class SpineBMDLogic:
                 seg.vertebrae, inputVolume, name=f"{base} vertebrae", node=segmentationNode,
                 bodies=seg.bodies)
         elif segmentationNode is not None and mrml.bodies_of(segmentationNode, inputVolume) is not None:
-            mrml.set_bodies(segmentationNode, seg.bodies, inputVolume)  # keep it in step with the edit
+            # keep the stored bodies (and the vertebrae they belong to) in step with the edit
+            mrml.set_bodies(segmentationNode, seg.bodies, inputVolume, vertebrae=seg.vertebrae)
+        roiNode = self.roi(bmd, inputVolume, segmentationNode)
         tableNode = self.table(bmd, inputVolume, tableNode)
         names = [rec.level for rec in bmd.levels]
         values = [rec.vbmd_mg_cm3 for rec in bmd.levels]
@@ -186,7 +205,22 @@ class SpineBMDLogic:
         line = summary_line(bmd.summary)
         tableNode.SetAttribute("spinekit.summary", json.dumps(bmd.summary, default=str))
         return SpineBMDResults(bmd=bmd, image=image, segmentationNode=segmentationNode, tableNode=tableNode,
-                               chartNode=chartNode, summary_line=line, warnings=list(bmd.warnings))
+                               chartNode=chartNode, roiSegmentationNode=roiNode, summary_line=line,
+                               warnings=list(bmd.warnings))
+
+    @staticmethod
+    def roi(bmd, inputVolume, segmentationNode=None):
+        """The trabecular ROIs that were measured, as a second segmentation (QC in the views:
+        what was averaged), referenced from the vertebra segmentation so re-runs reuse it."""
+        existing = segmentationNode.GetNodeReference(mrml.ROI_REFERENCE_ROLE) if segmentationNode else None
+        roiNode = mrml.labels_to_segmentation_node(np.asarray(bmd.roi_labels, dtype=np.uint8), inputVolume,
+                                                   name=f"{inputVolume.GetName()} trabecular ROI", node=existing)
+        display = roiNode.GetDisplayNode()
+        if display is not None:
+            display.SetVisibility3D(False)  # inside the vertebrae: only useful in the slice views
+        if segmentationNode is not None:
+            segmentationNode.SetNodeReferenceID(mrml.ROI_REFERENCE_ROLE, roiNode.GetID())
+        return roiNode
 
     def table(self, bmd, inputVolume, tableNode=None):
         """Per-level table node: the levels.csv columns, unit labels, readable titles."""

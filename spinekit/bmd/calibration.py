@@ -177,13 +177,13 @@ def calibrate_phantomless(tissue_hu, phase: str = "native", mineral: str = "ha",
     """
     mineral = _check_mineral(mineral)
     hu, warnings = _tissue_dict(tissue_hu)
-    if "blood" not in hu and "aorta" in hu:
-        hu["blood"] = hu["aorta"]
+    if "blood" not in hu and "aorta" in hu and phase == "native":
+        hu["blood"] = hu["aorta"]  # unenhanced aortic blood is the blood reference
     used = {t: hu[t] for t in PHANTOMLESS_TISSUES if t in hu}
     excluded: list[str] = []
-    if phase != "native" and "blood" in used:
-        used.pop("blood")
-        excluded.append("blood")
+    if phase != "native" and ("blood" in used or "aorta" in hu):
+        used.pop("blood", None)
+        excluded.append("blood")  # contrast makes blood brighter than its NIST composition
     if "fat" not in used:
         # Without fat the energy is barely determined (muscle/blood move < 0.2 HU/keV).
         raise InputError("phantomless calibration needs the subcutaneous-fat HU, which was not found; "

@@ -224,7 +224,7 @@ def run_bmd(image: Image, segmentation=None, options: BMDOptions | None = None,
     report(step, 0.05, f"trabecular ROIs ({options.roi_mode})")
     level_ids = [i for i in range(1, 29) if i in lv.VERSE_NAMES and lv.VERSE_NAMES[i] in REPORTED_LEVELS]
     roi_labels = trabecular_rois(bodies, spacing, options.roi_mode, levels=level_ids, vertebrae=vertebrae,
-                                 direction=image.direction)
+                                 direction=image.direction, ct=image.array)
     present_ids = sorted({lv.VERSE_IDS[r.name] for r in segmentation.levels if r.present and r.name in REPORTED_LEVELS}
                          | set(int(i) for i in np.unique(roi_labels) if i in level_ids),
                          key=lambda i: lv.order_index(lv.level_name(i)))
@@ -300,6 +300,9 @@ def run_bmd(image: Image, segmentation=None, options: BMDOptions | None = None,
         if "metal" in flags:
             excluded[name] = "metal in the ROI"
             warnings.append(f"{name} holds metal ({st.metal_voxels} ROI voxels above {METAL_HU:g} HU); its vBMD is not used.")
+        elif "roi_empty" in flags and (m is None or not m.body_volume_cm3):
+            excluded[name] = "no vertebral body"
+            warnings.append(f"{name} has no vertebral body in the segmentation (field of view or body map); no vBMD.")
         elif "roi_empty" in flags or "roi_small" in flags:
             excluded[name] = "trabecular ROI too small"
             warnings.append(f"{name}'s trabecular ROI is too small ({st.voxels if st else 0} voxels) for a reliable mean; "

@@ -35,6 +35,8 @@ MID_HEIGHT_MM = 7.5
 MIN_ROI_VOLUME_MM3 = 1000.0
 MIN_ROI_VOXELS = 30
 METAL_HU = 2000.0
+# Adaptive shell: a layer within this many HU of the core median counts as trabecular.
+ADAPTIVE_TOL_HU = 8.0
 
 
 def roi_margin_mm(spacing_zyx_mm) -> float:
@@ -188,16 +190,48 @@ def _crop_slices(mask_slices: tuple[slice, ...], shape: tuple[int, ...], pad: in
     return tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(mask_slices, shape))
 
 
-def _whole_roi(body: np.ndarray, spacing_zyx_mm, margin_mm: float) -> np.ndarray:
+def _body_depth_mm(body: np.ndarray, spacing_zyx_mm) -> np.ndarray:
     # Distance (mm) from each inside voxel to the nearest outside voxel: exact in mm for
     # anisotropic voxels, unlike iterated binary erosion.
     padded = np.pad(body, 1)
-    dist = ndimage.distance_transform_edt(padded, sampling=spacing_zyx_mm)[1:-1, 1:-1, 1:-1]
-    return dist > margin_mm
+    return ndimage.distance_transform_edt(padded, sampling=spacing_zyx_mm)[1:-1, 1:-1, 1:-1]
+
+
+def adaptive_margin_mm(depth_mm: np.ndarray, hu: np.ndarray, base_margin_mm: float, step_mm: float,
+                       tol_hu: float = ADAPTIVE_TOL_HU) -> float:
+    """Deepen the shell while the next layer is still brighter than the core (cortex inside).
+
+    A body mask one voxel too generous (a segmenter's typical error) brings the cortex within
+    the fixed margin; the mean HU of successive one-voxel layers then stays above the core's
+    median. The shell grows until a layer is within ``tol_hu`` of the core, at most to 60 % of
+    the body's depth so that a ROI always remains.
+    """
+    max_depth = float(depth_mm.max())
+    limit = 0.6 * max_depth
+    if max_depth <= base_margin_mm + step_mm:
+        return base_margin_mm
+    core = hu[depth_mm > max(base_margin_mm, 0.5 * max_depth)]
+    if core.size < MIN_ROI_VOXELS:
+        return base_margin_mm
+    core_hu = float(np.median(core))
+    d = base_margin_mm
+    while d + step_mm < limit:
+        layer = hu[(depth_mm > d) & (depth_mm <= d + step_mm)]
+        if layer.size >= 10 and float(layer.mean()) - core_hu <= tol_hu:
+            break
+        d += step_mm
+    return min(d, limit)
+
+
+def _whole_roi(body: np.ndarray, spacing_zyx_mm, margin_mm: float, hu: np.ndarray | None = None) -> np.ndarray:
+    depth = _body_depth_mm(body, spacing_zyx_mm)
+    if hu is not None:
+        margin_mm = adaptive_margin_mm(depth, hu, margin_mm, float(min(spacing_zyx_mm)))
+    return depth > margin_mm
 
 
 def _mid_roi(body: np.ndarray, spacing_zyx_mm, frame: VertebraFrame, margin_mm: float,
-             height_mm: float) -> np.ndarray:
+             height_mm: float, hu: np.ndarray | None = None) -> np.ndarray:
     spacing = np.asarray(spacing_zyx_mm, dtype=float)
     # Body depth (AP) and width (LR) through the centre, in the vertebra's own frame.
     depth, ant_lo, ant_hi = profile_extent_mm(body, spacing, frame, "ap")
@@ -217,7 +251,7 @@ def _mid_roi(body: np.ndarray, spacing_zyx_mm, frame: VertebraFrame, margin_mm: 
         np.abs(loc[:, 2] - c_si) <= height_mm / 2.0)
     roi = inside.reshape(body.shape)
     # Never let the ellipse reach the cortex or an endplate (wedged or small bodies).
-    return roi & _whole_roi(body, spacing_zyx_mm, margin_mm)
+    return roi & _whole_roi(body, spacing_zyx_mm, margin_mm, hu)
 
 
 def level_crops(labels: np.ndarray, pad: int = 2) -> dict[int, tuple[slice, ...]]:
@@ -267,8 +301,13 @@ def _neighbour_centres(vid: int, centres: dict[int, np.ndarray]) -> list[np.ndar
 def trabecular_rois(bodies: np.ndarray, spacing_zyx_mm, mode: str = "whole", *,
                     levels: list[int] | None = None, margin_mm: float | None = None,
                     vertebrae: np.ndarray | None = None, direction: np.ndarray | None = None,
-                    height_mm: float = MID_HEIGHT_MM) -> np.ndarray:
-    """Trabecular ROIs of all (or the given) levels as one uint8 label map of VerSe ids."""
+                    height_mm: float = MID_HEIGHT_MM, ct: np.ndarray | None = None) -> np.ndarray:
+    """Trabecular ROIs of all (or the given) levels as one uint8 label map of VerSe ids.
+
+    ct (HU, same grid): when given, the shell adapts per level (``adaptive_margin_mm``): it is
+    deepened while the next layer is still brighter than the core, which keeps the cortex out
+    of a body mask that is larger than the bone.
+    """
     if mode not in ROI_MODES:
         raise ValueError(f"ROI mode must be one of {ROI_MODES}, not {mode!r}")
     bodies = np.asarray(bodies)
@@ -286,24 +325,25 @@ def trabecular_rois(bodies: np.ndarray, spacing_zyx_mm, mode: str = "whole", *,
         crop = crops[vid]
         body = bodies[crop] == vid
         if mode == "whole":
-            roi = _whole_roi(body, spacing, margin)
+            roi = _whole_roi(body, spacing, margin, None if ct is None else ct[crop])
         else:
             offset = np.array([s.start for s in crop]) * np.asarray(spacing)
             frame = vertebra_frame(body, spacing,
                                    neighbour_centres_mm=[c - offset for c in _neighbour_centres(vid, centres)],
                                    vertebra_centre_mm=(vcentres[vid] - offset) if vid in vcentres else None,
                                    direction=direction)
-            roi = _mid_roi(body, spacing, frame, margin, height_mm)
+            roi = _mid_roi(body, spacing, frame, margin, height_mm, None if ct is None else ct[crop])
         out[crop][roi] = vid
     return out
 
 
 def trabecular_roi(bodies: np.ndarray, spacing_zyx_mm, level_id: int, mode: str = "whole", *,
                    margin_mm: float | None = None, vertebrae: np.ndarray | None = None,
-                   direction: np.ndarray | None = None, height_mm: float = MID_HEIGHT_MM) -> np.ndarray:
+                   direction: np.ndarray | None = None, height_mm: float = MID_HEIGHT_MM,
+                   ct: np.ndarray | None = None) -> np.ndarray:
     """Boolean trabecular ROI of one level (VerSe id) on the bodies' grid."""
     labels = trabecular_rois(bodies, spacing_zyx_mm, mode, levels=[level_id], margin_mm=margin_mm,
-                             vertebrae=vertebrae, direction=direction, height_mm=height_mm)
+                             vertebrae=vertebrae, direction=direction, height_mm=height_mm, ct=ct)
     return labels == int(level_id)
 
 

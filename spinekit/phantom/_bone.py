@@ -90,7 +90,7 @@ def paint_canal(mat, grid, fr, d):
 
 # --- vertebra --------------------------------------------------------------------------------
 def paint_vertebra(mat, M, vertebrae, bodies, grid, fr, d, above, vid, fracture, trab_hu,
-                   cortical_hu, metal=False) -> dict:
+                   cortical_hu, metal=False, vein_material=None) -> dict:
     """Body (elliptic cylinder, 1 mm cortex and endplates, fracture profile) + posterior elements."""
     a, b, H = d.body_width_mm / 2, d.body_depth_mm / 2, d.body_height_mm
     vc, ca, cb = canal_geom(d)
@@ -116,8 +116,8 @@ def paint_vertebra(mat, M, vertebrae, bodies, grid, fr, d, above, vid, fracture,
     volume = float(np.sum(hg[inside]) * (gu[1, 0] - gu[0, 0]) * (gv[0, 1] - gv[0, 0]))
     # Endplates collapse symmetrically about w = 0, so the centroid only moves along v.
     v_centroid = float(np.sum((hg * gv)[inside]) / np.sum(hg[inside]))
-    out = {"heights": heights, "volume_mm3": volume, "centroid_world": fr.to_world(0.0, v_centroid, 0.0),
-           "bbox": sl}
+    out = {"heights": heights, "normal_heights": body_heights(d, None)[1], "volume_mm3": volume,
+           "centroid_world": fr.to_world(0.0, v_centroid, 0.0), "bbox": sl}
     if sl is None:
         return out
     u, v, w = local_coords(grid, fr, sl)
@@ -149,6 +149,9 @@ def paint_vertebra(mat, M, vertebrae, bodies, grid, fr, d, above, vid, fracture,
     b_s[body] = vid
     m_s[vert] = m_trab
     m_s[pe_cortex | (body & shell)] = m_cort
+    if vein_material is not None:  # basivertebral vein: 6x8 mm channel entering the posterior body wall
+        vein = body & ((u / 3.0) ** 2 + ((v - b + 4.0) / 4.0) ** 2 <= 1) & (np.abs(w) <= 0.3 * H)
+        m_s[vein] = vein_material
     if metal:  # two pedicle screws (6.5 mm), entry at the lamina, tip in the anterior body
         for side in (-1.0, 1.0):
             p0 = np.array([side * u0, vc + cb + lam * 0.5, w_ped])
@@ -165,7 +168,9 @@ def paint_vertebra(mat, M, vertebrae, bodies, grid, fr, d, above, vid, fracture,
 
 # --- ribs, sacrum, pelvis --------------------------------------------------------------------
 def paint_rib(mat, M, grid, curve, fr, d, name, side, zc, cortical_hu, marrow_hu):
-    """A flat-elliptic tube following the chest wall from the transverse-process tip forward and down."""
+    """Rib: a neck from the body's posterolateral corner (costovertebral joint, ~2 mm gap) to just
+    in front of the transverse-process tip (costotransverse joint), then a flat-elliptic tube that
+    follows the chest wall forward and down. T11/T12 carry short floating ribs."""
     i = SPINE_LEVELS.index(name)
     vc, _, _ = canal_geom(d)
     u0 = d.canal_width_mm / 2 + d.pedicle_width_mm / 2
@@ -178,7 +183,8 @@ def paint_rib(mat, M, grid, curve, fr, d, name, side, zc, cortical_hu, marrow_hu
     x_e = float(fr.origin[0])
     y_c = float(fr.origin[1]) - OUTLINE_OFFSET_MM
     inset = F + WALL_MUSCLE_MM + 4.0
-    y_post = float(p_tip[1]) + 8.0
+    hh, tr = 5.5, 3.0  # half height, half thickness (mm)
+    y_post = float(p_tip[1]) - (d.tp_half_ap_mm + tr + 1.5)  # passes 1.5 mm in front of the TP tip
     y_ant = y_c - (B - inset)
     Br = (y_post - y_ant) / 2
     y_e = y_post - Br
@@ -186,7 +192,12 @@ def paint_rib(mat, M, grid, curve, fr, d, name, side, zc, cortical_hu, marrow_hu
     th0 = float(np.arcsin(np.clip(tip / Ar, 0, 0.99)))
     th_end = {10: 0.55 * np.pi, 11: 0.35 * np.pi}.get(i, 0.85 * np.pi)  # T11/T12 floating ribs
     drop = 25.0 + 20.0 * i / 11.0  # lower ribs slope more
-    hh, tr = 5.5, 3.0  # half height, half thickness (mm)
+    m_marrow, m_cort = M(T["rib"], marrow_hu), M(T["rib"], cortical_hu)
+    # Neck: from the arc's start to 2 mm off the body's posterolateral corner near its upper endplate.
+    a, b = d.body_width_mm / 2, d.body_depth_mm / 2
+    p0 = np.array([x_e + side * Ar * np.sin(th0), y_e + Br * np.cos(th0), z0])
+    p1 = fr.to_world(side * (0.8 * a + 4.5), 0.5 * b, 0.3 * d.body_height_mm)
+    _tube(mat, grid, p0, p1, 3.5, m_marrow, m_cort)
     xa = x_e + side * np.array([tip - 8, Ar + tr + 2])
     pts = np.array([[xa.min(), y_ant - 8, z0 - drop - 8], [xa.max(), y_post + 8, z0 + 8]])
     sl = grid.bbox(pts)
@@ -212,7 +223,22 @@ def paint_rib(mat, M, grid, curve, fr, d, name, side, zc, cortical_hu, marrow_hu
     core = ((Z - zc_r[None]) / (hh - 1.2)) ** 2 + (drc[None] / (tr - 1.2)) ** 2 <= 1
     zz, cc = np.nonzero(inside)
     gz, gy, gx = zz + sl[0].start, iy[cc] + sl[1].start, ix[cc] + sl[2].start
-    mat[gz, gy, gx] = np.where(core[zz, cc], M(T["rib"], marrow_hu), M(T["rib"], cortical_hu)).astype(np.uint8)
+    mat[gz, gy, gx] = np.where(core[zz, cc], m_marrow, m_cort).astype(np.uint8)
+
+
+def _tube(mat, grid, p0, p1, radius, m_core, m_cort, shell_mm=1.2):
+    """Round tube (capsule) between two world points: cortex shell around a marrow core."""
+    sl = grid.bbox(np.array([p0, p1]), margin_mm=radius + 1)
+    if sl is None:
+        return
+    x, y, z = grid.coords(sl)
+    dvec = (p1 - p0).astype(np.float32)
+    L2 = float(dvec @ dvec)
+    t = np.clip(((x - p0[0]) * dvec[0] + (y - p0[1]) * dvec[1] + (z - p0[2]) * dvec[2]) / L2, 0.0, 1.0)
+    d2 = (x - p0[0] - t * dvec[0]) ** 2 + (y - p0[1] - t * dvec[1]) ** 2 + (z - p0[2] - t * dvec[2]) ** 2
+    m_s = mat[sl]
+    m_s[d2 <= radius ** 2] = m_cort
+    m_s[d2 <= (radius - shell_mm) ** 2] = m_core
 
 
 def paint_sacrum(mat, M, vertebrae, grid, curve, cortical_hu, trab_hu) -> bool:

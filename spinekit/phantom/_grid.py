@@ -14,7 +14,8 @@ TISSUE_IDS: dict[str, int] = {
     "subcutaneous_fat": 1, "visceral_fat": 2, "paraspinal_muscle": 3, "psoas": 4, "aorta": 5,
     "ivc": 6, "disc": 7, "canal": 8, "rib": 9, "sacrum_pelvis": 10, "metal": 11,
     "calibration_rod": 12, "air": 13, "wall_muscle": 14, "viscera": 15, "lung": 16,
-    "vertebra": 17, "calibration_base": 18, "liver": 19, "kidney": 20, "heart": 21,
+    "vertebra": 17, "calibration_base": 18, "liver": 19, "kidney": 20, "heart": 21, "portal_vein": 22,
+    "basivertebral_vein": 23,
 }
 FIRST_FREE_MATERIAL = 32
 

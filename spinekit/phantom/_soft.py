@@ -1,9 +1,10 @@
 """Soft tissue of the CT phantom, painted slice by slice around the spine centre line.
 
 Sizes (mm) are adult averages, simplified to ellipses: body outline ~320x240 (abdomen),
-subcutaneous fat 12-22 mm, a 12 mm muscle wall, erector spinae behind the laminae, psoas growing
+subcutaneous fat 15-22 mm, a 12 mm muscle wall, erector spinae behind the laminae, psoas growing
 from L1 to L5, aorta (22 mm) left-anterior of the bodies with its bifurcation at L4, IVC
-right-anterior, liver, kidneys (T12-L3), heart and lungs above a sloping diaphragm.
+right-anterior, portal vein (14 mm, T12-L1), liver, kidneys (T12-L3), heart and lungs above a
+sloping diaphragm.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ WALL_MUSCLE_MM = 12.0
 def outline(z, zc: dict, sac_z: float):
     """Body outline semi-axes (LR, AP) and subcutaneous fat thickness (mm) by height z."""
     anchors = [(sac_z - 60, 170, 115, 22), (sac_z, 165, 118, 22), (zc["L3"], 160, 120, 20),
-               (zc["T12"], 155, 115, 18), (zc["T8"], 145, 105, 15), (zc["T1"], 130, 95, 12)]
+               (zc["T12"], 155, 115, 18), (zc["T8"], 145, 105, 16), (zc["T1"], 130, 95, 15)]
     zs = np.array([a[0] for a in anchors])
     o = np.argsort(zs)
     cols = [np.array([a[k] for a in anchors])[o] for k in (1, 2, 3)]
@@ -62,6 +63,8 @@ class _Slice:
 
 
 def paint_soft_tissue(mat: np.ndarray, grid: Grid, curve: SpineCurve, levels, dims, zc, progress=None) -> None:
+    """Write tissue ids into `mat` (z, y, x), one axial slice at a time, following the body centre
+    line of the rendered levels (clamped above and below them)."""
     nz = grid.shape[0]
     zw = grid.axis(2)
     # Body centre line as a function of z over the rendered levels (clamped beyond them).
@@ -106,7 +109,7 @@ def paint_soft_tissue(mat: np.ndarray, grid: Grid, curve: SpineCurve, levels, di
         t = mat[k]
         S = _Slice(t, X, Y)
         S.ellipse(cx, cy, a, b, T["subcutaneous_fat"])
-        _, _, _ = S.ellipse(cx, cy, a - f, b - f, T["wall_muscle"])
+        S.ellipse(cx, cy, a - f, b - f, T["wall_muscle"])
         in1 = ((X2 - cx) / (a - f)) ** 2 + ((Y2 - cy) / (b - f)) ** 2 <= 1
         ai, bi = a - f - WALL_MUSCLE_MM, b - f - WALL_MUSCLE_MM
         r_in = ((X2 - cx) / ai) ** 2 + ((Y2 - cy) / bi) ** 2
@@ -164,6 +167,8 @@ def paint_soft_tissue(mat: np.ndarray, grid: Grid, curve: SpineCurve, levels, di
                 dz = z_bif - z
                 for side in (-1, 1):
                     S.ellipse(xs_ + side * (8 + 0.5 * dz), ys_ - d / 2 - 8 - 0.2 * dz, 6.0, 6.0, T["aorta"])
+            if zc["T12"] > z > zc["L1"] - 10:  # portal vein in the liver hilum, right-anterior
+                S.ellipse(xs_ - 0.35 * w - 12, ys_ - d / 2 - 45, 7.0, 7.0, T["portal_vein"])
             if zc["T10"] > z > z_conf:
                 S.ellipse(xs_ - (0.3 * w + 14), ys_ - d / 2 - 10, 13.0, 9.0, T["ivc"])
             elif z <= z_conf:

@@ -45,12 +45,12 @@ class LevelDims:
 def level_dims(name: str) -> LevelDims:
     """Sizes interpolated between typical T1 / T12 and L1 / L5 values (adult, both sexes)."""
     i = SPINE_LEVELS.index(name)
-    if i < 12:  # thoracic: bodies grow caudally, ~28x18x15 (T1) to ~38x29x23 mm (T12)
+    if i < 12:  # thoracic: bodies grow caudally, ~28x18x15 (T1) to ~40x30x24 mm (T12)
         t = i / 11.0
         # Thoracic spinous processes are steepest mid-thoracic (~T5-T9).
         sp_down = float(np.interp(i, [0, 4, 8, 9, 10, 11], [30, 45, 45, 35, 25, 15]))
         return LevelDims(
-            name, 15.0 + 8.0 * t, 28.0 + 10.0 * t, 18.0 + 11.0 * t, 4.0 + 2.5 * t,
+            name, 15.0 + 9.0 * t, 28.0 + 12.0 * t, 18.0 + 12.0 * t, 4.0 + 2.5 * t,
             15.0 + 3.0 * t, 14.0 + 1.0 * t, 6.0 + 2.0 * t, 11.0 + 4.0 * t, 5.0,
             38.0 - 10.0 * t, 4.0, 5.0, 30.0 - 15.0 * t,
             30.0, sp_down, 4.5, 3.0, 0.93 if i < 10 else 0.95,

@@ -28,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kev", type=float, default=70.0, help="effective energy in keV (default 70)")
     parser.add_argument("--phase", default="native", help=f"contrast phase: {', '.join(PHASES)}")
     parser.add_argument("--fracture", action="append", default=[], metavar="LEVEL:TYPE:GRADE",
-                        help=f"add a fracture, e.g. L1:wedge:2 (types {', '.join(FRACTURE_TYPES)}; grade 1-3); repeatable")
+                        help=f"add a fracture, e.g. L1:wedge:2 (types {', '.join(FRACTURE_TYPES)}; "
+                             "grade 1-3); repeatable")
     parser.add_argument("--density", action="append", default=[], metavar="LEVEL:MG_CM3",
                         help="trabecular HA density of a level, e.g. L1:85; repeatable")
     parser.add_argument("--marrow-fat", type=float, default=0.0, help="marrow fat fraction 0-1 (default 0)")
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kyphosis", type=float, default=20.0, help="thoracic kyphosis in degrees (default 20)")
     parser.add_argument("--rods", action="store_true", help="add a K2HPO4 calibration phantom under the patient")
     parser.add_argument("--metal", default=None, metavar="LEVEL", help="pedicle screws in this level")
+    parser.add_argument("--basivertebral-vein", action="store_true", help="add a basivertebral vein to every body")
     parser.add_argument("--no-ribs", action="store_true", help="leave out the ribs")
     parser.add_argument("--no-sacrum", action="store_true", help="leave out sacrum and pelvis")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the noise (default 0)")
@@ -92,13 +94,15 @@ def config_from_args(args: argparse.Namespace) -> CTPhantomConfig:
         blur_fwhm_mm=args.blur, lordosis_deg=args.lordosis, kyphosis_deg=args.kyphosis,
         scoliosis_mm=args.scoliosis, contrast_phase=args.phase.lower(), fractures=fractures,
         metal_level=args.metal, calibration_rods=args.rods, seed=args.seed,
+        basivertebral_vein=args.basivertebral_vein,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     t0 = time.perf_counter()
-    phantom = generate_ct_phantom(cfg, progress=terminal("spinekit phantom") if getattr(args, "verbose", False) else None)
+    progress = terminal("spinekit phantom") if getattr(args, "verbose", False) else None
+    phantom = generate_ct_phantom(cfg, progress=progress)
     seconds = time.perf_counter() - t0
     paths = phantom.write(args.out)
     if args.previews:

@@ -12,15 +12,17 @@ Tissue ids of ``CTPhantom.tissues`` (``TISSUE_IDS``, also in ``truth["tissue_ids
  9 rib, 10 sacrum / pelvis, 11 metal, 12 calibration rod, 13 air outside the body,
  14 abdominal / chest wall muscle, 15 viscera and mediastinum (soft tissue), 16 lung,
  17 vertebra (bone of the rendered levels), 18 calibration phantom base (water-equivalent),
- 19 liver, 20 kidney, 21 heart.
+ 19 liver, 20 kidney, 21 heart, 22 portal vein, 23 basivertebral vein (inside the body label; only
+ with basivertebral_vein=True; HU as the IVC).
 
 HU (documented numbers): air, fat, muscle, blood, cortical bone, water from NIST (physics);
 disc 80, CSF 10, lung -850, metal 3071 (the usual int16 CT ceiling). Contrast: native aorta =
-IVC = heart = NIST blood; arterial aorta 300, IVC 90, heart 250; portal-venous aorta 160, IVC 150,
-heart 150. Viscera 40 / 60 / 100, liver 55 / 70 / 110, kidney 30 / 150 / 170 (native / arterial /
-portal-venous). Muscle and fat are not enhanced. Trabecular bone enhancement is applied in
-density space so that Toelly's equations (native = -2.287 + 0.964*arterial;
-native = -4.517 + 0.978*portal-venous) applied to the apparent density recover the true density.
+IVC = heart = portal vein = NIST blood; arterial aorta 300, IVC 90, heart 250, portal vein 120;
+portal-venous aorta 160, IVC 150, heart 150, portal vein 180. Viscera 40 / 60 / 100, liver
+55 / 70 / 110, kidney 30 / 150 / 170 (native / arterial / portal-venous). Muscle and fat are not
+enhanced. Trabecular bone enhancement is applied in density space so that Toelly's equations
+(native = -2.287 + 0.964*arterial; native = -4.517 + 0.978*portal-venous) applied to the
+apparent density recover the true density.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ from ..errors import InputError
 from ..image import Image, write_image
 from ..levels import VERSE_IDS
 from ..progress import Progress, report
-from ._bone import (FRACTURE_TYPES, GENANT_LOSS, canal_geom, paint_canal, paint_disc, paint_pelvis,  # noqa: F401
-                    paint_rib, paint_sacrum, paint_vertebra)
+from ._bone import (FRACTURE_TYPES, GENANT_LOSS, paint_canal, paint_disc, paint_pelvis, paint_rib, paint_sacrum,
+                    paint_vertebra)
 from ._grid import TISSUE_IDS, Grid, Materials
 from ._soft import OUTLINE_OFFSET_MM, outline, paint_soft_tissue
 from ._spine import SPINE_LEVELS, build_curve, level_dims
@@ -49,9 +51,9 @@ from ._spine import SPINE_LEVELS, build_curve, level_dims
 T = TISSUE_IDS
 
 PHASES = ("native", "arterial", "portal-venous")
-# Enhanced HU by phase: (aorta, IVC, heart); None = NIST blood (native).
-VESSEL_HU = {"native": (None, None, None), "arterial": (300.0, 90.0, 250.0),
-             "portal-venous": (160.0, 150.0, 150.0)}
+# Enhanced HU by phase: (aorta, IVC, heart, portal vein); None = NIST blood (native).
+VESSEL_HU = {"native": (None, None, None, None), "arterial": (300.0, 90.0, 250.0, 120.0),
+             "portal-venous": (160.0, 150.0, 150.0, 180.0)}
 ORGAN_HU = {  # viscera, liver, kidney
     "native": (40.0, 55.0, 30.0), "arterial": (60.0, 70.0, 150.0), "portal-venous": (100.0, 110.0, 170.0)}
 # Toelly 2017: native = a + b * contrast (mg/cm3).
@@ -61,10 +63,22 @@ HU_RANGE = (-1024, 3071)
 # Mindways-like rods: (name, water-equivalent density mg/cm3, K2HPO4 mg/cm3). Illustrative values.
 RODS = (("A", 1012.0, 0.0), ("B", 1045.0, 50.0), ("C", 1020.0, 100.0), ("D", 1035.0, 200.0))
 ROD_RADIUS_MM = 6.5
+MAX_VOXELS = 1.0e9  # ~ 7 GB while rendering; larger volumes are a mistake, not a phantom
 
 
 @dataclass
 class CTPhantomConfig:
+    """What to render. Sizes in mm, densities in mg/cm3 of hydroxyapatite, angles in degrees.
+
+    kyphosis_deg / lordosis_deg: change of the centreline's sagittal angle over T1-T12 and over
+    the T12/L1-L5/S1 discs (the sacrum is 20 deg steeper than L5/S1). densities_mg_cm3 may name
+    any subset of the levels; the rest get ``default_density_mg_cm3``. fractures: {level: (type,
+    Genant grade)} with type wedge | biconcave | crush; the height loss is the middle of the grade's
+    band (22.5 / 32.5 / 50 %). shape_zyx: with it the volume is centred on the rendered vertebrae
+    and levels cut by its faces are reported with complete = False (levels entirely outside are
+    left out of the truth).
+    """
+
     first_level: str = "T11"
     last_level: str = "L5"  # any contiguous range within T1..L5 (cranial..caudal)
     include_sacrum: bool = True  # sacrum + iliac wings when last_level == "L5"
@@ -85,10 +99,28 @@ class CTPhantomConfig:
     metal_level: str | None = None  # pedicle screws in that level
     calibration_rods: bool = False  # Mindways-like K2HPO4 rods under the patient
     seed: int = 0
+    basivertebral_vein: bool = False  # venous channel (blood HU) at the posterior body centre
 
 
 @dataclass
 class CTPhantom:
+    """The rendered phantom. All images share one grid: LPS, identity direction; the z index grows
+    superiorly, y posteriorly, x to the patient's left.
+
+    truth (JSON-serialisable): "levels" {name: verse_id, density_mg_cm3, apparent_density_mg_cm3
+    (what a native-calibrated reading gives in the contrast phase), true_trabecular_hu (noise-free
+    HU of the trabecular bone), height_{anterior,middle,posterior}_mm (15/50/85 % of AP depth),
+    height_normal_mm (mean), height_posterior_normal_mm (unfractured Hp),
+    height_ratio_{wedge,biconcave,crush} (Ha/Hp, Hm/Hp, Hp/unfractured Hp), genant_grade,
+    fracture_type, body_width_mm, body_depth_mm, body_volume_cm3 (of the body label),
+    body_volume_analytic_cm3, complete, centroid_lps_mm (of the body label),
+    centroid_analytic_lps_mm, center_lps_mm and axis_{lateral,posterior,superior} (the body
+    frame; heights are measured along axis_superior), metal, basivertebral_vein, ribs},
+    "levels_rendered", "sacrum", "scanner", "tissue_hu", "contrast_phase", "marrow_fat_fraction",
+    "rods" [{name, k2hpo4_mg_cm3, water_density_mg_cm3, center_lps_mm, radius_mm, hu_true}],
+    "tissue_ids", "curve", "config".
+    """
+
     image: Image  # int16 HU
     vertebrae: Image  # uint8 VerSe ids, whole vertebrae (+ sacrum 26)
     bodies: Image  # uint8 VerSe ids, vertebral bodies only (cortex included)
@@ -99,6 +131,8 @@ class CTPhantom:
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """ct.nii.gz, vertebrae.nii.gz, bodies.nii.gz, tissues.nii.gz, truth.json (atomic)."""
         out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise InputError(f"{out}: the phantom output folder is an existing file.")
         out.mkdir(parents=True, exist_ok=True)
         items = {"ct": self.image, "vertebrae": self.vertebrae, "bodies": self.bodies, "tissues": self.tissues}
         final: dict[str, Path] = {}
@@ -153,7 +187,8 @@ def _fracture_spec(name: str, spec) -> tuple[str, int]:
         kind, grade = spec
         return str(kind).strip().lower(), int(grade)
     except (TypeError, ValueError):
-        raise InputError(f"fracture {name}={spec!r} must be a (type, Genant grade) pair such as ('wedge', 2).") from None
+        raise InputError(
+            f"fracture {name}={spec!r} must be a (type, Genant grade) pair such as ('wedge', 2).") from None
 
 
 def _validate(cfg: CTPhantomConfig) -> list[str]:
@@ -162,6 +197,8 @@ def _validate(cfg: CTPhantomConfig) -> list[str]:
         raise InputError(f"phantom spacing {cfg.spacing_mm} must be three positive numbers (x, y, z) in mm.")
     if cfg.shape_zyx is not None and (len(cfg.shape_zyx) != 3 or min(cfg.shape_zyx) < 8):
         raise InputError(f"phantom shape {cfg.shape_zyx} must be three sizes (z, y, x) of at least 8 voxels.")
+    if cfg.shape_zyx is not None and float(np.prod(cfg.shape_zyx)) > MAX_VOXELS:
+        raise InputError(f"phantom shape {cfg.shape_zyx} has more than {MAX_VOXELS:.0e} voxels.")
     if cfg.contrast_phase not in PHASES:
         raise InputError(f"contrast phase '{cfg.contrast_phase}' is not one of {', '.join(PHASES)}.")
     if not 0.0 <= cfg.marrow_fat_fraction <= 1.0:
@@ -188,8 +225,6 @@ def _validate(cfg: CTPhantomConfig) -> list[str]:
     if cfg.metal_level is not None and cfg.metal_level.upper() not in levels:
         raise InputError(f"metal level '{cfg.metal_level}' is not among the rendered levels {levels[0]}-{levels[-1]}.")
     return levels
-
-
 
 
 # --- the generator ---------------------------------------------------------------------------
@@ -243,14 +278,16 @@ def generate_ct_phantom(config: CTPhantomConfig | None = None, progress: Progres
 
     # Noise-free HU per material: tissues first; bone/rod materials are added while painting.
     blood_hu = physics.tissue_hu("blood", kev)
-    aorta_hu, ivc_hu, heart_hu = (blood_hu if h is None else h for h in VESSEL_HU[phase])
+    aorta_hu, ivc_hu, heart_hu, portal_hu = (blood_hu if h is None else h for h in VESSEL_HU[phase])
     viscera_hu, liver_hu, kidney_hu = ORGAN_HU[phase]
     fat_hu, muscle_hu = physics.tissue_hu("fat", kev), physics.tissue_hu("muscle", kev)
     cortical_hu, water_hu, air_hu = (physics.tissue_hu(n, kev) for n in ("cortical_bone", "water", "air"))
     tissue_hu = {
         T["air"]: air_hu, T["subcutaneous_fat"]: fat_hu, T["visceral_fat"]: fat_hu,
         T["paraspinal_muscle"]: muscle_hu, T["psoas"]: muscle_hu, T["wall_muscle"]: muscle_hu,
-        T["aorta"]: aorta_hu, T["ivc"]: ivc_hu, T["heart"]: heart_hu, T["disc"]: DISC_HU, T["canal"]: CSF_HU,
+        T["aorta"]: aorta_hu, T["ivc"]: ivc_hu, T["heart"]: heart_hu, T["portal_vein"]: portal_hu,
+        T["basivertebral_vein"]: ivc_hu,
+        T["disc"]: DISC_HU, T["canal"]: CSF_HU,
         T["lung"]: LUNG_HU, T["viscera"]: viscera_hu, T["liver"]: liver_hu, T["kidney"]: kidney_hu,
         T["calibration_base"]: water_hu, T["metal"]: METAL_HU,
     }
@@ -294,7 +331,8 @@ def generate_ct_phantom(config: CTPhantomConfig | None = None, progress: Progres
     for k, n in enumerate(levels):
         above = dims[levels[k - 1]] if k > 0 else None
         geo[n] = paint_vertebra(mat, M, vertebrae, bodies, grid, frames[n], dims[n], above, VERSE_IDS[n],
-                                cfg.fractures.get(n), trab_hu[n], cortical_hu, metal=(n == cfg.metal_level))
+                                cfg.fractures.get(n), trab_hu[n], cortical_hu, metal=(n == cfg.metal_level),
+                                vein_material=T["basivertebral_vein"] if cfg.basivertebral_vein else None)
 
     report(progress, 0.6, "phantom: truth")
     edge_ids = set()
@@ -321,9 +359,10 @@ def generate_ct_phantom(config: CTPhantomConfig | None = None, progress: Progres
             "apparent_density_mg_cm3": apparent[n],
             "true_trabecular_hu": trab_hu[n],
             "height_anterior_mm": ha, "height_middle_mm": hm, "height_posterior_mm": hp,
-            "height_normal_mm": d.body_height_mm,
+            "height_normal_mm": d.body_height_mm,  # mean height of the unfractured body
+            "height_posterior_normal_mm": geo[n]["normal_heights"][2],
             "height_ratio_wedge": ha / hp, "height_ratio_biconcave": hm / hp,
-            "height_ratio_crush": hp / d.body_height_mm,
+            "height_ratio_crush": hp / geo[n]["normal_heights"][2],
             "genant_grade": int(frac[1]) if frac else 0,
             "fracture_type": frac[0] if frac else None,
             "body_width_mm": d.body_width_mm, "body_depth_mm": d.body_depth_mm,
@@ -336,6 +375,7 @@ def generate_ct_phantom(config: CTPhantomConfig | None = None, progress: Progres
             "axis_lateral": fr.lateral.tolist(), "axis_posterior": fr.posterior.tolist(),
             "axis_superior": fr.superior.tolist(),
             "metal": n == cfg.metal_level,
+            "basivertebral_vein": bool(cfg.basivertebral_vein),
             "ribs": bool(cfg.include_ribs and n.startswith("T")),
         }
 
@@ -355,7 +395,8 @@ def generate_ct_phantom(config: CTPhantomConfig | None = None, progress: Progres
         },
         "tissue_hu": {
             "air": air_hu, "fat": fat_hu, "muscle": muscle_hu, "blood": blood_hu, "aorta": aorta_hu,
-            "ivc": ivc_hu, "heart": heart_hu, "cortical_bone": cortical_hu, "water": water_hu, "disc": DISC_HU,
+            "ivc": ivc_hu, "heart": heart_hu, "portal_vein": portal_hu, "cortical_bone": cortical_hu,
+            "water": water_hu, "disc": DISC_HU,
             "csf": CSF_HU, "lung": LUNG_HU, "viscera": viscera_hu, "liver": liver_hu, "kidney": kidney_hu,
             "metal": METAL_HU,
         },
@@ -403,6 +444,10 @@ def _make_grid(cfg, curve, levels, dims, zc, sacrum) -> Grid:
                    pts[:, 1].max() - OUTLINE_OFFSET_MM + b.max() + (55 if cfg.calibration_rods else 15), top])
     if cfg.shape_zyx is None:
         n = np.ceil((hi - lo) / sp).astype(int) + 1
+        if float(np.prod(n.astype(float))) > MAX_VOXELS:
+            spacing = tuple(float(v) for v in sp)
+            raise InputError(f"phantom spacing {spacing} mm is too fine for levels {levels[0]}-{last} "
+                             f"({'x'.join(map(str, n))} voxels); use a coarser spacing or give shape_zyx.")
         origin = lo
     else:
         n = np.array(cfg.shape_zyx[::-1])

@@ -33,8 +33,10 @@ from ..progress import Progress, report
 from .base import LevelRecord, SegmentationResult
 
 BONE_HU = 180.0          # cortical shell / dense trabecular bone after light smoothing
+EDGE_HU = 200.0          # outline voxels darker than this are partial-volume soft tissue
 TRABECULAR_HU = 115.0    # normal trabecular bone; discs (~85 HU) and muscle stay below
 SOFT_LOW_HU = -250.0     # canal content (CSF, cord, epidural fat) lies above this
+CANAL_HIGH_HU = 60.0     # ... and below this (osteoporotic trabecular bone is ~85 HU)
 CANAL_AREA_MM2 = (25.0, 700.0)
 MIDLINE_BAND_MM = 45.0   # canal centre within this distance of the torso centre (scoliosis)
 ROI_ANTERIOR_MM = 70.0   # column box around the canal centre
@@ -45,6 +47,9 @@ DISC_DEPTH = 0.45        # a disc slab holds under half the bone of the bodies n
 WEAK_DISC_DEPTH = 0.85   # a tilted / narrow disc, accepted where the disc spacing expects one
 ALA_FRACTION = 0.15      # share of a segment's bone lateral-anterior (sacral alae)
 DEFAULT_PITCH_MM = 30.0
+BODY_CLOSING_MM = 4.0    # gaps in a body's cortical ring bridged before filling
+THORACIC_HALF_WIDTH_MM = 32.0       # transverse process tips of T1-T12
+THORACIC_BODY_HALF_WIDTH_MM = 22.0  # thoracic bodies; rib heads sit just lateral
 RIB_MAX_MM3 = 60000.0    # bigger bone pieces beside the column are pelvis / shoulder girdle
 TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # vertebra + disc height when too few discs are seen to measure it   # shortest vertebra segment kept (crush fractures included)
 
@@ -53,7 +58,6 @@ TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # vertebra + disc height when too f
 class _Grid:
     """The internal working grid: axis-aligned LPS, isotropic spacing."""
     hu: np.ndarray           # float32 [z, y, x], z superior, y posterior, x left
-    fov: np.ndarray          # bool, True where the input image had data
     spacing_mm: float
     reference: sitk.Image    # the working grid geometry (for mapping labels back)
 
@@ -87,34 +91,35 @@ def _check_ct(image: Image) -> None:
 
 def _working_grid(image: Image, spacing_mm: float) -> _Grid:
     src = image.to_sitk()
-    src = sitk.Cast(src, sitk.sitkFloat32)
     size = np.array(src.GetSize())
     corners = np.array([[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)],
                        dtype=float)
     pts = np.array([src.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners])
     lo, hi = pts.min(axis=0), pts.max(axis=0)
     out_size = [int(np.ceil((hi[d] - lo[d]) / spacing_mm)) + 1 for d in range(3)]
-    ref = sitk.Image(out_size, sitk.sitkUInt8)
+    # Block averaging before downsampling keeps thin cortex from aliasing away (and is much
+    # cheaper than a Gaussian on a full-resolution CT).
+    native = np.array(src.GetSpacing())
+    shrink = [int(max(1, np.floor(spacing_mm / s + 1e-6))) for s in native]
+    if max(shrink) > 1:
+        src = sitk.BinShrink(sitk.Cast(src, sitk.sitkFloat32), shrink)
+    else:
+        src = sitk.Cast(src, sitk.sitkFloat32)
+    hu = sitk.Resample(src, out_size, sitk.Transform(), sitk.sitkLinear, lo.tolist(), [spacing_mm] * 3,
+                       np.eye(3).ravel().tolist(), -1024.0, sitk.sitkFloat32)
+    ref = sitk.Image(1, 1, 1, sitk.sitkUInt8)   # geometry holder only
     ref.SetSpacing([spacing_mm] * 3)
     ref.SetOrigin(lo.tolist())
-    ref.SetDirection(np.eye(3).ravel().tolist())
-    # Smoothing before downsampling avoids aliasing thin cortex away.
-    native = np.array(src.GetSpacing())
-    sig = [float(max(0.0, (spacing_mm ** 2 - s ** 2)) ** 0.5 / 2.355) for s in native]
-    if max(sig) > 0.05:
-        src = sitk.SmoothingRecursiveGaussian(src, [max(s, 1e-3) for s in sig])
-    hu = sitk.Resample(src, ref, sitk.Transform(), sitk.sitkLinear, -1024.0, sitk.sitkFloat32)
-    ones = sitk.Image(src.GetSize(), sitk.sitkUInt8) + 1
-    ones.CopyInformation(src)
-    fov = sitk.Resample(ones, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    return _Grid(sitk.GetArrayFromImage(hu), sitk.GetArrayFromImage(fov).astype(bool), spacing_mm, ref)
+    return _Grid(sitk.GetArrayFromImage(hu), spacing_mm, ref)
 
 
 def _to_native(labels: np.ndarray, grid: _Grid, image: Image) -> np.ndarray:
     lab = sitk.GetImageFromArray(labels.astype(np.uint8))
-    lab.CopyInformation(grid.reference)
-    target = image.to_sitk() if image.array.dtype != bool else image.with_array(image.array.astype(np.uint8)).to_sitk()
-    out = sitk.Resample(lab, target, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    lab.SetSpacing(grid.reference.GetSpacing())
+    lab.SetOrigin(grid.reference.GetOrigin())
+    size = [int(n) for n in reversed(image.shape)]
+    out = sitk.Resample(lab, size, sitk.Transform(), sitk.sitkNearestNeighbor, list(image.origin_mm),
+                        list(image.spacing_mm), image.direction.ravel().tolist(), 0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(out)
 
 
@@ -185,14 +190,18 @@ def _track_canal(hu, bone, body, sp):
     enc = _enclosed(bone, int(round(25.0 / sp)))
 
     def candidates(min_dirs):
-        cand = (enc >= min_dirs) & ~bone & (hu > SOFT_LOW_HU) & body
+        cand = (enc >= min_dirs) & (hu > SOFT_LOW_HU) & (hu < CANAL_HIGH_HU) & body
         lab, n = ndi.label(cand, structure=_SLICE)
         if n == 0:
             return np.zeros((0, 5))
         objs = ndi.find_objects(lab)
-        idx = np.arange(1, n + 1)
-        area = ndi.sum_labels(np.ones(lab.shape, np.float32), lab, idx) * sp * sp
-        com = np.array(ndi.center_of_mass(cand, lab, idx))
+        zz_, yy_, xx_ = np.nonzero(lab)
+        ll = lab[zz_, yy_, xx_]
+        cnt = np.bincount(ll, minlength=n + 1)[1:].astype(float)
+        area = cnt * sp * sp
+        com = np.stack([np.bincount(ll, weights=w, minlength=n + 1)[1:] / np.maximum(cnt, 1)
+                        for w in (zz_, yy_, xx_)], axis=1)
+        del zz_, yy_, xx_, ll
         rows = []
         for a, c, o in zip(area, com, objs):
             if not (CANAL_AREA_MM2[0] <= a <= CANAL_AREA_MM2[1]):
@@ -306,12 +315,16 @@ def _find_discs(prof: np.ndarray, sp: float) -> list[int]:
             chosen.append(p)
     chosen.sort()
 
-    def pitch_near(p):
-        if len(chosen) < 2:
+    def pitch_near(a, b):
+        """Typical disc spacing near the interval (a, b), from the other intervals."""
+        gaps = np.diff(chosen).astype(float)
+        mids = (np.array(chosen[:-1]) + np.array(chosen[1:])) / 2.0
+        other = [(abs(m - (a + b) / 2), g) for m, g, lo_, hi_ in zip(mids, gaps, chosen[:-1], chosen[1:])
+                 if not (lo_ == a and hi_ == b)]
+        if not other:
             return DEFAULT_PITCH_MM / bw
-        gaps = np.diff(chosen)
-        mids = (np.array(chosen[:-1]) + np.array(chosen[1:])) / 2
-        return float(np.median(gaps[np.argsort(np.abs(mids - p))[:2]]))
+        other.sort()
+        return float(np.median([g for _, g in other[:2]]))
 
     weak = [p for p, r in ratio.items() if r < WEAK_DISC_DEPTH and p not in chosen]
     changed = True
@@ -319,7 +332,7 @@ def _find_discs(prof: np.ndarray, sp: float) -> list[int]:
         changed = False
         ends = [0] + chosen + [nb - 1]
         for a, b in zip(ends[:-1], ends[1:]):
-            pitch = pitch_near((a + b) / 2)
+            pitch = pitch_near(a, b)
             if (b - a) < 1.5 * pitch:
                 continue
             # Expected disc one pitch away from a sure disc (or the profile end).
@@ -370,10 +383,12 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
 
     report(progress, 0.15, "builtin: bone and canal")
     body = _body_mask(hu)
-    bone = (hu > BONE_HU) & body
+    # Light smoothing first: noise must neither punch holes in bone nor make bone of soft tissue.
+    hu_s = ndi.gaussian_filter(hu, 1.0 / sp)
+    bone = (hu_s > BONE_HU) & body
     if bone.sum() * sp ** 3 < 20000.0:
         raise InputError("no vertebral column found in the CT (too little bone in view).")
-    canal = _track_canal(hu, bone, body, sp)
+    canal = _track_canal(hu_s, bone, body, sp)
     if canal is None:
         raise InputError("no vertebral column found in the CT (no bone-enclosed spinal canal in view).")
     nz, ny, nx = hu.shape
@@ -382,7 +397,6 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
 
     # --- column mask in a box around the canal -----------------------------------------------
     report(progress, 0.35, "builtin: vertebral column")
-    hu_s = ndi.gaussian_filter(hu, 1.0 / sp)
     bone_c = ndi.binary_closing(bone, structure=_SLICE, iterations=1) | bone
     # Solid bone = filled cortical rings (low-density bodies) or trabecular-density voxels.
     raw = bone_c | (hu_s > TRABECULAR_HU)
@@ -405,9 +419,28 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         column &= ~np.isin(hl, canal_holes)
     del hl, holes, raw
     column &= box & ~canal_disc
+    # Smoothing and the low trabecular threshold widen the outline by about a voxel: drop
+    # outline voxels that are not themselves bone-bright (interior low-density bone stays).
+    # (At native spacing coarser than the working grid the outline blur is the scan's own and
+    # stays, as in reference segmentations of such scans.)
+    if native_min < 2.5:
+        shell = column & ~ndi.binary_erosion(column)
+        column &= ~(shell & (hu < EDGE_HU))
+        del shell
     front_mm = (canal["front"][:, None, None] - canal["cy"][:, None, None]) * sp  # negative
     anterior = dy < front_mm
     del dy
+    # Low-density bodies whose cortical ring is not closed in a slice (thin cortex, partial
+    # volume): close small gaps in-plane and fill, within the body zone only.
+    r = max(1, int(round(BODY_CLOSING_MM / sp)))
+    disk = np.zeros((1, 2 * r + 1, 2 * r + 1), bool)
+    disk[0] = (np.add.outer(np.arange(-r, r + 1) ** 2, np.arange(-r, r + 1) ** 2) <= r * r)
+    zone = anterior & box
+    zs_, ys_, xs_ = ndi.find_objects(zone.astype(np.uint8))[0]
+    crop = (zs_, slice(max(0, ys_.start - r), ys_.stop + r), slice(max(0, xs_.start - r), xs_.stop + r))
+    closed = ndi.binary_closing(column[crop] & zone[crop], structure=disk)
+    column[crop] |= ndi.binary_fill_holes(closed, structure=_SLICE) & zone[crop]
+    del closed, zone
 
     # Keep the column: components that reach near the canal.
     lab, n = ndi.label(column)
@@ -526,7 +559,18 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # --- anchors -----------------------------------------------------------------------------
     report(progress, 0.8, "builtin: naming levels")
     _find_ribs(segs, vert, bodies, bone, box, dx, sp)
-    sacrum_seg = _find_sacrum(segs, vert, bone, canal, dx, anterior, sp, grid.fov)
+    # Rib heads and necks inside the column box belong to the ribs: thoracic vertebrae are
+    # narrower than the box (transverse processes end about 30 mm from the midline).
+    ribbed = [i for i, sg in enumerate(segs) if sg.ribs > 0]
+    if ribbed:
+        is_thoracic = np.zeros(256, bool)
+        for sg in segs[min(ribbed):]:
+            is_thoracic[sg.label] = True
+        adx = np.abs(dx)
+        vert[is_thoracic[vert] & (adx > THORACIC_HALF_WIDTH_MM)] = 0
+        bodies[is_thoracic[bodies] & (adx > THORACIC_BODY_HALF_WIDTH_MM)] = 0
+        del adx
+    sacrum_seg = _find_sacrum(segs, vert, dx, anterior)
     uncertain = False
     n = len(segs)
     rib_idx = [i for i, sg in enumerate(segs) if sg.ribs > 0]
@@ -638,7 +682,7 @@ def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
                 sg.ribs += 1
 
 
-def _find_sacrum(segs, vert, bone, canal, dx, anterior, sp, fov):
+def _find_sacrum(segs, vert, dx, anterior):
     """Index of the lowest segment if it is the sacrum (wide alae lateral to the body)."""
     if len(segs) < 2:
         return None
@@ -681,6 +725,7 @@ def _records(segs, vert, bodies, image, grid, confidence, uncertain):
     axis_arr = 2 - axis_xyz
     up = sup[axis_xyz] > 0
     n_ax = vert.shape[axis_arr]
+    boxes = ndi.find_objects(vert)
     out = []
     seen = set()
     for sg in segs:
@@ -690,12 +735,11 @@ def _records(segs, vert, bodies, image, grid, confidence, uncertain):
         vid = lv.level_id(sg.name)
         if counts[vid] == 0:
             continue
-        other = tuple(a for a in range(3) if a != axis_arr)
-        present = np.nonzero((vert == vid).any(axis=other))[0]
+        ext = boxes[vid - 1][axis_arr]
         truncated = None
-        if present.max() >= n_ax - 1:
+        if ext.stop >= n_ax:
             truncated = "cranial" if up else "caudal"
-        elif present.min() <= 0:
+        elif ext.start <= 0:
             truncated = "caudal" if up else "cranial"
         flags = list(sg.flags)
         if truncated:
@@ -703,7 +747,7 @@ def _records(segs, vert, bodies, image, grid, confidence, uncertain):
         if uncertain:
             flags.append("label_uncertain")
         if sg.ribs:
-            flags.append(f"ribs:{sg.ribs}")
+            flags.append("rib_bearing")
         out.append(LevelRecord(name=sg.name, verse_id=vid, present=True, complete=truncated is None,
                                truncated=truncated, confidence=confidence, voxels=int(counts[vid]),
                                body_voxels=int(bcounts[vid]), flags=flags))

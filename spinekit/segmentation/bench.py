@@ -1,0 +1,242 @@
+"""Benchmark of the builtin CT segmentation backend (rows for `make bench`).
+
+Real CT (TotalSegmentator's labels as the reference, ../shared/data; skipped when absent),
+a phantom sweep against known truth, and time / peak memory on a 512x512x400 CT.
+Run alone: ``python -m spinekit.segmentation.bench [--quick]``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import levels as lv
+
+SECTION = "segmentation"
+DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def _row(metric: str, value, unit: str = "", target: str = "") -> dict:
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if isinstance(value, float):
+        value = round(value, 4)
+    return {"section": SECTION, "metric": metric, "value": value, "unit": unit, "target": target}
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
+
+
+def _best_match(pred: np.ndarray, truth: np.ndarray, vid: int) -> int:
+    ids, counts = np.unique(pred[truth == vid], return_counts=True)
+    counts[ids == 0] = 0
+    return int(ids[int(np.argmax(counts))]) if counts.size and counts.max() > 0 else 0
+
+
+# --- real data -----------------------------------------------------------------------------------
+def bench_abdomen(data: Path = DATA) -> list[dict]:
+    from ..image import read_image
+    from .builtin import segment_builtin
+
+    folder = data / "ct_abdomen_3mm"
+    if not folder.exists():
+        return []
+    ct = read_image(folder / "ct.nii.gz")
+    ref = lv.to_verse(read_image(folder / "ts_vertebrae.nii.gz").array, "totalsegmentator_total")
+    body_ref = read_image(folder / "ts_vertebrae_body.nii.gz").array == 1
+    t0 = time.perf_counter()
+    res = segment_builtin(ct)
+    dt = time.perf_counter() - t0
+    rows = [_row("ct_abdomen_3mm time", dt, "s")]
+    named = 0
+    levels = ("T12", "L1", "L2", "L3", "L4", "L5")
+    for name in levels:
+        vid = lv.level_id(name)
+        rows.append(_row(f"ct_abdomen_3mm Dice whole {name}", _dice(res.vertebrae.array == vid, ref == vid),
+                         "", ">= 0.85"))
+        rows.append(_row(f"ct_abdomen_3mm Dice body {name}",
+                         _dice(res.bodies.array == vid, body_ref & (ref == vid)), "", ">= 0.85"))
+        named += int(_best_match(res.vertebrae.array, ref, vid) == vid)
+    rows.append(_row("ct_abdomen_3mm levels named like TotalSegmentator", f"{named}/{len(levels)}", "",
+                     f"{len(levels)}/{len(levels)}"))
+    rows.append(_row("ct_abdomen_3mm labels_uncertain", str(res.labels_uncertain), "", "False"))
+    return rows
+
+
+def bench_dicom(data: Path = DATA) -> list[dict]:
+    from ..image import read_image
+    from .builtin import segment_builtin
+
+    folder = data / "ct_dicom_2mm"
+    if not folder.exists():
+        return []
+    ct = read_image(folder / "dicom")
+    ref_img = read_image(folder / "ts_total.nii.gz")
+    ref = lv.to_verse(ref_img.array, "totalsegmentator_total")
+    rows = []
+    try:
+        t0 = time.perf_counter()
+        res = segment_builtin(ct)
+        rows.append(_row("ct_dicom_2mm time", time.perf_counter() - t0, "s"))
+    except Exception as exc:  # noqa: BLE001 - a benchmark records the failure and goes on
+        return [_row("ct_dicom_2mm T11/T12 found and named", f"error: {exc}", "", "both")]
+    pred = res.vertebrae.array
+    if not ref_img.same_grid(ct):   # DICOM and NIfTI may order the axes differently
+        import SimpleITK as sitk
+
+        moved = sitk.Resample(ref_img.with_array(ref.astype(np.uint8)).to_sitk(), ct.to_sitk(),
+                              sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+        ref = sitk.GetArrayFromImage(moved)
+    found = []
+    for name in ("T11", "T12"):
+        vid = lv.level_id(name)
+        d = _dice(pred == vid, ref == vid)
+        rows.append(_row(f"ct_dicom_2mm Dice whole {name}", d, "", ">= 0.85"))
+        if d > 0.5:
+            found.append(name)
+    rows.append(_row("ct_dicom_2mm T11/T12 found and named", "+".join(found) or "none", "", "T11+T12"))
+    rows.append(_row("ct_dicom_2mm labels_uncertain", str(res.labels_uncertain), "", "False"))
+    return rows
+
+
+# --- phantoms ------------------------------------------------------------------------------------
+def phantom_cases(quick: bool = False) -> list[dict]:
+    osteo = {n: 40.0 for n in ("T11", "T12", "L1", "L2", "L3", "L4", "L5")}
+    dense = {n: 250.0 for n in ("T11", "T12", "L1", "L2", "L3", "L4", "L5")}
+    cases = [
+        dict(),
+        dict(spacing_mm=(1.0, 1.0, 1.0)),
+        dict(spacing_mm=(3.0, 3.0, 3.0)),
+        dict(noise_hu=30.0, seed=3),
+        dict(densities_mg_cm3=osteo),
+        dict(fractures={"L1": ("wedge", 2), "T12": ("crush", 3)}),
+        dict(scoliosis_mm=20.0),
+        dict(first_level="T8", last_level="L2"),
+        dict(first_level="L1", last_level="L5", include_sacrum=False),
+        dict(first_level="T4", last_level="T10"),
+        dict(contrast_phase="arterial"),
+        dict(metal_level="L3"),
+    ]
+    if quick:
+        return cases[:1] + cases[3:5] + cases[7:9]
+    cases += [
+        dict(spacing_mm=(0.6, 0.6, 0.6), first_level="L1", last_level="L5"),
+        dict(seed=1, noise_hu=5.0, densities_mg_cm3=dense),
+        dict(seed=2, fractures={"L2": ("biconcave", 2)}, scoliosis_mm=-15.0),
+        dict(spacing_mm=(0.8, 0.8, 2.5), noise_hu=20.0),
+    ]
+    return cases
+
+
+def bench_phantoms(quick: bool = False) -> list[dict]:
+    from ..phantom import CTPhantomConfig, generate_ct_phantom
+    from .builtin import segment_builtin
+
+    base = dict(first_level="T11", last_level="L5", spacing_mm=(2.0, 2.0, 2.0), noise_hu=10.0, seed=0)
+    rows = []
+    min_whole, min_body, named_ok, anchored, flagged, unanchored = 1.0, 1.0, 0, 0, 0, 0
+    for kw in phantom_cases(quick):
+        cfg = CTPhantomConfig(**{**base, **kw})
+        label = json.dumps(kw, sort_keys=True) if kw else "default T11-L5+sacrum 2 mm"
+        ph = generate_ct_phantom(cfg)
+        try:
+            res = segment_builtin(ph.image)
+        except Exception as exc:  # noqa: BLE001
+            rows.append(_row(f"phantom {label}", f"error: {exc}"))
+            min_whole = min_body = 0.0
+            continue
+        truth = ph.vertebrae.array
+        names = [lv.level_name(int(i)) for i in np.unique(truth) if i]
+        has_anchor = bool(ph.truth.get("sacrum")) or (
+            any(n.startswith("T") for n in names) and any(n.startswith("L") for n in names))
+        whole, body = [], []
+        for name in names:
+            vid = lv.level_id(name)
+            # Name-agnostic overlap where no anchor is in view (names are then a flagged guess).
+            pid = vid if has_anchor else _best_match(res.vertebrae.array, truth, vid)
+            whole.append(_dice(res.vertebrae.array == pid, truth == vid))
+            if name != "sacrum":
+                body.append(_dice(res.bodies.array == pid, ph.bodies.array == vid))
+        ok = res.present_levels() == [n for n in lv.ORDER if n in names]
+        if has_anchor:
+            anchored += 1
+            named_ok += int(ok and not res.labels_uncertain)
+        else:
+            unanchored += 1
+            flagged += int(res.labels_uncertain)
+        min_whole, min_body = min(min_whole, min(whole)), min(min_body, min(body))
+        rows.append(_row(f"phantom {label} min Dice whole/body", f"{min(whole):.3f}/{min(body):.3f}", "",
+                         ">= 0.9"))
+    rows.append(_row("phantom sweep min Dice whole", min_whole, "", ">= 0.9"))
+    rows.append(_row("phantom sweep min Dice body", min_body, "", ">= 0.9"))
+    rows.append(_row("phantom sweep anchored cases all levels named", f"{named_ok}/{anchored}", "",
+                     f"{anchored}/{anchored}"))
+    rows.append(_row("phantom sweep anchor-free cases flagged uncertain", f"{flagged}/{unanchored}", "",
+                     f"{unanchored}/{unanchored}"))
+    return rows
+
+
+# --- speed and memory ----------------------------------------------------------------------------
+_CHILD = r"""
+import json, resource, sys, time
+from spinekit.image import read_image
+from spinekit.segmentation.builtin import segment_builtin
+img = read_image(sys.argv[1])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+res = segment_builtin(img)
+dt = time.perf_counter() - t0
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"time_s": dt, "peak_mb": peak / 1024, "delta_mb": (peak - before) / 1024,
+                  "levels": res.present_levels()}))
+"""
+
+
+def bench_speed(shape_zyx=(400, 512, 512), spacing_mm=(0.75, 0.75, 1.0)) -> list[dict]:
+    """Time and peak memory of segment_builtin on a big phantom CT, in a fresh process (so the
+    phantom generation does not count)."""
+    from ..image import write_image
+    from ..phantom import CTPhantomConfig, generate_ct_phantom
+
+    cfg = CTPhantomConfig(first_level="T9", last_level="L5", shape_zyx=tuple(shape_zyx),
+                          spacing_mm=tuple(spacing_mm), noise_hu=10.0, seed=0)
+    ph = generate_ct_phantom(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "ct.nii"
+        write_image(ph.image, path)
+        del ph
+        out = subprocess.run([sys.executable, "-c", _CHILD, str(path)], capture_output=True, text=True)
+    if out.returncode != 0:
+        return [_row("512x512x400 time", f"error: {out.stderr.strip().splitlines()[-1:]}", "s", "<= 20")]
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    size = "x".join(str(s) for s in reversed(shape_zyx))
+    return [
+        _row(f"{size} CT time", m["time_s"], "s", "<= 20 (2 cores)"),
+        _row(f"{size} CT peak memory (process, incl. the CT)", m["peak_mb"] / 1024, "GB", "<= 4"),
+        _row(f"{size} CT memory added by segmentation", m["delta_mb"] / 1024, "GB", ""),
+        _row(f"{size} CT levels found", " ".join(m["levels"]), "", "T9-L5 sacrum"),
+    ]
+
+
+def run_bench(quick: bool = False) -> list[dict]:
+    rows: list[dict] = []
+    rows += bench_abdomen()
+    rows += bench_dicom()
+    rows += bench_phantoms(quick)
+    if quick:
+        rows += bench_speed(shape_zyx=(200, 256, 256), spacing_mm=(1.5, 1.5, 2.0))
+    else:
+        rows += bench_speed()
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover
+    for r in run_bench(quick="--quick" in sys.argv):
+        print(f"{r['metric']:<70} {r['value']!s:>14} {r['unit']:<3} {r['target']}")
