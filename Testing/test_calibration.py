@@ -228,3 +228,15 @@ def test_calibration_command_create_and_list(tmp_path, capsys):
                             "--model", "B", "--kvp", "120"]) == 2
     err = capsys.readouterr().err
     assert "4 rods but 2 concentrations" in err and "Traceback" not in err
+
+
+def test_mindways_physics_without_certificate_assumes_1000_mg_water_and_says_so():
+    from spinekit.bmd.calibration import rod_model_hu
+
+    kev = 74.0
+    conc = np.array([0.0, 50.0, 100.0, 200.0])
+    hu = rod_model_hu(kev, conc, np.full(4, 1000.0), "k2hpo4")
+    cal = calibrate_phantom(hu, conc, convention="mindways")
+    assert cal.effective_kev == pytest.approx(kev, abs=0.05)
+    assert cal.to_mg_cm3(physics.trabecular_hu(120.0, kev)) == pytest.approx(120.0, abs=0.1)
+    assert any("1000 mg/cm3 water" in w for w in cal.details["warnings"])

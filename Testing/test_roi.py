@@ -109,3 +109,23 @@ def test_small_roi_and_metal_are_flagged():
     assert ("roi_small" in l1.flags) or ("roi_empty" in l1.flags)
     assert "metal" in stats[l2].flags and stats[l2].metal_voxels > 0
     assert "metal" not in stats[lv.level_id("T12")].flags and not stats[lv.level_id("T12")].flags
+
+
+def test_adaptive_shell_keeps_cortex_out_of_a_generous_mask():
+    from scipy import ndimage
+
+    sp = (1.5, 1.5, 1.5)
+    col = synthetic_column(spacing_zyx_mm=sp, densities_mg_cm3=DENSITIES, noise_hu=10.0, blur_mm=1.0, seed=5)
+    # a segmenter one voxel too generous: every body dilated by a voxel into the disc / soft tissue
+    grown = ndimage.grey_dilation(col.bodies, size=(3, 3, 3))
+    fixed = roi_statistics(col.ct, trabecular_rois(grown, sp, "whole"), sp)
+    adaptive = roi_statistics(col.ct, trabecular_rois(grown, sp, "whole", ct=col.ct), sp)
+    worst_fixed = max(abs(st.hu_mean - col.truth[st.level]["trabecular_hu"]) for st in fixed.values())
+    assert worst_fixed > 5.0  # the cortex does leak into the fixed shell
+    for vid, st in adaptive.items():
+        assert abs(st.hu_mean - col.truth[st.level]["trabecular_hu"]) < 3.0, st
+        assert st.voxels > 300
+    # on a correct mask the adaptive shell changes nothing that matters
+    exact = roi_statistics(col.ct, trabecular_rois(col.bodies, sp, "whole", ct=col.ct), sp)
+    for st in exact.values():
+        assert abs(st.hu_mean - col.truth[st.level]["trabecular_hu"]) < 3.0

@@ -86,6 +86,16 @@ def test_ui_files_are_designer_xml_bound_to_parameter_fields(module):
         # Every widget the module code reaches through self.ui.<name> exists in the .ui.
         used = set(re.findall(r"self\.ui\.(\w+)", module_src))
         assert used <= set(names), f"{ui.name}: missing widgets {used - set(names)}"
+        # Form/grid layouts: every (row, column) once, rows numbered 0..n-1 without gaps;
+        # list items of a combo box hold text only (no widget swallowed by a stray edit).
+        for layout in root.iter("layout"):
+            if layout.get("class") in ("QFormLayout", "QGridLayout"):
+                cells = [(int(i.get("row")), int(i.get("column"))) for i in layout.findall("item")]
+                assert len(cells) == len(set(cells)), f"{layout.get('name')}: a cell is used twice"
+                assert sorted({r for r, _ in cells}) == list(range(len({r for r, _ in cells}))), layout.get("name")
+        for combo in (w for w in root.iter("widget") if w.get("class") == "QComboBox"):
+            for item in combo.findall("item"):
+                assert item.find("widget") is None and item.find("layout") is None, combo.get("name")
         # Custom widget classes are declared.
         declared = {c.findtext("class") for c in root.iter("customwidget")}
         custom = {w.get("class") for w in root.iter("widget") if w.get("class", "").startswith(("q", "ctk"))}

@@ -78,17 +78,23 @@ def body_heights(body: np.ndarray, spacing_zyx_mm, frame: VertebraFrame,
 
 def measure_morphometry(bodies: np.ndarray, spacing_zyx_mm, *, vertebrae: np.ndarray | None = None,
                         direction: np.ndarray | None = None,
-                        levels: list[int] | None = None) -> dict[str, LevelMorphometry]:
-    """Morphometry of every body in a VerSe-id label map; keys are level names, cranio-caudal."""
+                        levels: list[int] | None = None, crops: dict | None = None,
+                        vertebra_crops: dict | None = None) -> dict[str, LevelMorphometry]:
+    """Morphometry of every body in a VerSe-id label map; keys are level names, cranio-caudal.
+
+    vertebrae (whole-vertebra VerSe ids, optional) sets the anterior direction from the posterior
+    elements; direction (3x3) is the image direction (scanner axes as fallback). crops /
+    vertebra_crops: ``spinekit.bmd.roi.level_crops`` results when the caller has them.
+    """
     bodies = np.asarray(bodies)
     spacing = tuple(float(s) for s in spacing_zyx_mm)
     voxel_cm3 = float(np.prod(spacing)) / 1000.0
-    crops = level_crops(bodies)
+    crops = level_crops(bodies) if crops is None else crops
     present = list(crops)
     wanted = present if levels is None else [int(i) for i in levels if int(i) in crops]
     wanted.sort(key=lambda i: lv.order_index(lv.level_name(i)))
     centres = _centroids_mm(bodies, present, spacing, crops)
-    vcentres = _centroids_mm(vertebrae, wanted, spacing) if vertebrae is not None else {}
+    vcentres = _centroids_mm(vertebrae, wanted, spacing, vertebra_crops) if vertebrae is not None else {}
     out: dict[str, LevelMorphometry] = {}
     for vid in wanted:
         name = lv.level_name(vid)

@@ -35,6 +35,7 @@ CONVENTIONS = ("mindways", "esp")
 # BMD = (HU − β_CT)/σ_CT with σ_CT = σ − 0.2174 and β_CT = β + 999.6.
 MINDWAYS_SIGMA_OFFSET = 0.2174
 MINDWAYS_BETA_OFFSET = 999.6
+MINDWAYS_DEFAULT_WATER_MG_CM3 = 1000.0
 
 # Phantomless fit: prior uncertainty (HU) of each tissue's model, i.e. how far a real tissue may
 # sit from its NIST composition. Fat carries most of the energy information (its HU moves
@@ -271,7 +272,8 @@ def calibrate_phantom(rod_hu, rod_concentrations_mg_cm3, *, convention: str = "m
     K₂HPO₄ for 'mindways', HA for 'esp').
     The convention's own line is always fitted and reported in ``details``:
     'mindways': HU − ρ_water = σ·ρ + β (ρ_water per rod from the phantom's certificate,
-    ``rod_water_density_mg_cm3``; without it the line is fitted on HU directly), with the scan
+    ``rod_water_density_mg_cm3``; without it the classic line is fitted on HU directly and the
+    physics method assumes 1000 mg/cm³ water per rod, with a warning), with the scan
     coefficients σ_CT = σ − 0.2174, β_CT = β + 999.6; 'esp': plain line HU = β + σ·ρ.
     method 'classic': BMD = (HU − β_CT)/σ_CT in the rods' mineral (QCT Pro / ESP practice;
     the marrow is then counted as water-equivalent).
@@ -327,6 +329,15 @@ def calibrate_phantom(rod_hu, rod_concentrations_mg_cm3, *, convention: str = "m
 
     # physics: energy from the rod slope, HU offset from the rods' water intercept
     water_fit = water if (convention == "mindways" and water is not None) else None
+    if convention == "mindways" and water is None:
+        # Mindways rods keep their water content near 1000 mg/cm³ (the certificate lists it per
+        # rod); without the certificate assume exactly that rather than displacement by volume
+        water_fit = np.full(hu.size, MINDWAYS_DEFAULT_WATER_MG_CM3)
+        sigma, beta, rms = mindways_fit(hu, rho, water_fit)
+        details["note"] = ("no rod water densities given: 1000 mg/cm3 water assumed in every rod; "
+                           "give the phantom certificate values for full accuracy")
+        details.setdefault("warnings", []).append(
+            "Phantom calibration assumed 1000 mg/cm3 water in every rod because no certificate values were given.")
     kev = _energy_from_rod_slope(float(sigma), rod_mineral, water_fit)
     model = rod_model_hu(kev, rho, water_fit, rod_mineral)
     if water_fit is not None:

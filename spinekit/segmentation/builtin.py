@@ -37,6 +37,7 @@ EDGE_HU = 200.0          # outline voxels darker than this are partial-volume so
 TRABECULAR_HU = 115.0    # normal trabecular bone; discs (~85 HU) and muscle stay below
 SOFT_LOW_HU = -250.0     # canal content (CSF, cord, epidural fat) lies above this
 CANAL_HIGH_HU = 60.0     # ... and below this (osteoporotic trabecular bone is ~85 HU)
+CANAL_MEAN_HU = 50.0     # mean of a canal blob after extra smoothing (noise pockets in bone fail)
 CANAL_AREA_MM2 = (25.0, 700.0)
 MIDLINE_BAND_MM = 45.0   # canal centre within this distance of the torso centre (scoliosis)
 ROI_ANTERIOR_MM = 70.0   # column box around the canal centre
@@ -188,6 +189,9 @@ def _track_canal(hu, bone, body, sp):
     del zz, yy, xx
 
     enc = _enclosed(bone, int(round(25.0 / sp)))
+    # Canal content by a more smoothed HU: noise pockets inside a low-density body (~85 HU)
+    # must not pass for CSF (~10 HU).
+    hu_c = ndi.gaussian_filter(hu, 1.5 / sp)
 
     def candidates(min_dirs):
         cand = (enc >= min_dirs) & (hu > SOFT_LOW_HU) & (hu < CANAL_HIGH_HU) & body
@@ -201,10 +205,11 @@ def _track_canal(hu, bone, body, sp):
         area = cnt * sp * sp
         com = np.stack([np.bincount(ll, weights=w, minlength=n + 1)[1:] / np.maximum(cnt, 1)
                         for w in (zz_, yy_, xx_)], axis=1)
+        mean_c = np.bincount(ll, weights=hu_c[zz_, yy_, xx_], minlength=n + 1)[1:] / np.maximum(cnt, 1)
         del zz_, yy_, xx_, ll
         rows = []
-        for a, c, o in zip(area, com, objs):
-            if not (CANAL_AREA_MM2[0] <= a <= CANAL_AREA_MM2[1]):
+        for a, c, o, mc in zip(area, com, objs, mean_c):
+            if not (CANAL_AREA_MM2[0] <= a <= CANAL_AREA_MM2[1]) or mc > CANAL_MEAN_HU:
                 continue
             z = int(round(c[0]))
             if not has[z] or abs(c[2] - xc[z]) * sp > MIDLINE_BAND_MM:
@@ -439,7 +444,10 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     zs_, ys_, xs_ = ndi.find_objects(zone.astype(np.uint8))[0]
     crop = (zs_, slice(max(0, ys_.start - r), ys_.stop + r), slice(max(0, xs_.start - r), xs_.stop + r))
     closed = ndi.binary_closing(column[crop] & zone[crop], structure=disk)
-    column[crop] |= ndi.binary_fill_holes(closed, structure=_SLICE) & zone[crop]
+    # 2D fill per slice, then 3D fill: a cavity closed by the endplates above and below is
+    # trabecular bone too.
+    closed = ndi.binary_fill_holes(closed, structure=_SLICE)
+    column[crop] |= ndi.binary_fill_holes(closed) & zone[crop]
     del closed, zone
 
     # Keep the column: components that reach near the canal.
