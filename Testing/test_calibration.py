@@ -19,7 +19,7 @@ from spinekit.bmd.calibration import (CalibrationEntry, CalibrationTable, calibr
                                       rod_hu_from_labels)
 from spinekit.bmd.calibration_bench import level_errors, phantom_rod_calibration, rod_labels_from_phantom
 from spinekit.errors import InputError
-from spinekit.image import Image, write_image
+from spinekit.image import write_image
 from spinekit.phantom import CTPhantomConfig, generate_ct_phantom
 
 BASE = dict(first_level="T12", last_level="L2", include_sacrum=False, include_ribs=False,
@@ -223,6 +223,14 @@ def test_calibration_command_create_and_list(tmp_path, capsys):
     cal = calibrate_asynchronous({"Manufacturer": "ACME", "ManufacturerModelName": "CT-1", "KVP": 120,
                                   "ConvolutionKernel": "B30"}, table)
     assert abs(cal.to_mg_cm3(physics.trabecular_hu(100.0, 68.0)) - 100.0) <= 2.0
+    # the same scan measured with circular ROIs instead of masks replaces the entry
+    centres = ";".join(",".join(str(v) for v in r["center_lps_mm"]) for r in ph.truth["rods"])
+    assert main(["calibration", "create", str(ct), f"--rod-centres={centres}", "--rod-radius", str(ph.truth["rods"][0]["radius_mm"]),
+                 "--concentrations", conc, "--water", water, "--table", str(table), "--manufacturer", "ACME",
+                 "--model", "CT-1", "--kvp", "120", "--kernel", "B30"]) == 0
+    entries = json.loads(table.read_text())
+    assert len(entries) == 1 and abs(entries[0]["effective_kev"] - 68.0) < 1.0
+    assert "Replaced" in capsys.readouterr().out
     # bad input: one sentence, exit code 2
     assert main(args[:5] + ["--concentrations", "0,50", "--table", str(table), "--manufacturer", "A",
                             "--model", "B", "--kvp", "120"]) == 2
@@ -240,3 +248,35 @@ def test_mindways_physics_without_certificate_assumes_1000_mg_water_and_says_so(
     assert cal.effective_kev == pytest.approx(kev, abs=0.05)
     assert cal.to_mg_cm3(physics.trabecular_hu(120.0, kev)) == pytest.approx(120.0, abs=0.1)
     assert any("1000 mg/cm3 water" in w for w in cal.details["warnings"])
+
+
+def test_rod_rois_from_circles_match_rod_masks():
+    from spinekit.bmd.calibration import rod_labels_from_circles
+
+    ph = generate_ct_phantom(CTPhantomConfig(**BASE, spacing_mm=(1.0, 1.0, 2.0), effective_kev=66.0, noise_hu=10.0,
+                                             calibration_rods=True, seed=7))
+    rods = ph.truth["rods"]
+    labels = rod_labels_from_circles(ph.image, [r["center_lps_mm"] for r in rods], rods[0]["radius_mm"])
+    hu = rod_hu_from_labels(ph.image.array, labels, erode_voxels=0)
+    # every ROI voxel is inside its rod, and the rod HU match the truth
+    assert (ph.tissues.array[labels > 0] == ph.truth["tissue_ids"]["calibration_rod"]).all()
+    assert hu == pytest.approx([r["hu_true"] for r in rods], abs=1.5)
+    cal = calibrate_phantom(hu, [r["k2hpo4_mg_cm3"] for r in rods],
+                            rod_water_density_mg_cm3=[r["water_density_mg_cm3"] for r in rods])
+    assert abs(cal.effective_kev - 66.0) < 1.0
+
+
+def test_asynchronous_lookup_from_real_dicom_tags(tmp_path):
+    from conftest import shared_data_path
+    from spinekit.image import read_image
+
+    ct = read_image(shared_data_path("ct_dicom_2mm", "dicom"))
+    meta = ct.metadata
+    entry = CalibrationEntry(manufacturer=str(meta["Manufacturer"]), model=str(meta["ManufacturerModelName"]),
+                             kvp=float(meta["KVP"]), kernel=str(meta["ConvolutionKernel"]), slope_hu_per_mg_cm3=1.2,
+                             intercept_hu=1.0, mineral="ha", convention="esp", source_note="test entry")
+    CalibrationTable([entry]).save(tmp_path / "t.json")
+    cal = calibrate_asynchronous(meta, tmp_path / "t.json")
+    assert cal.details["fallback"] is None and cal.to_mg_cm3(1.0 + 1.2 * 75.0) == pytest.approx(75.0)
+    with pytest.raises(InputError, match="Biograph40_mCT"):
+        calibrate_asynchronous({**meta, "KVP": 140}, tmp_path / "t.json")

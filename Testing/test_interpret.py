@@ -102,3 +102,11 @@ def test_custom_table(tmp_path):
     assert ip.t_score(150.0, "F", t) == pytest.approx(-2.0)
     with pytest.raises(InputError):
         ip.NormativeTable.load(tmp_path / "missing.csv")
+
+
+def test_pairs_stay_within_t12_l4():
+    # only L4 and L5 valid: L4-L5 is not an ACR pair (range T12-L4)
+    r = ip.interpret({"L4": 100.0, "L5": 100.0, "L1": 90.0}, excluded={"L1": "fracture"})
+    assert r.vbmd_mg_cm3 is None and r.category is None
+    r = ip.interpret({"L3": 100.0, "L4": 110.0})
+    assert r.levels_used == ["L3", "L4"] and r.category == "osteopenia"

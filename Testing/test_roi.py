@@ -114,8 +114,8 @@ def test_small_roi_and_metal_are_flagged():
 def test_adaptive_shell_keeps_cortex_out_of_a_generous_mask():
     from scipy import ndimage
 
-    sp = (1.5, 1.5, 1.5)
-    col = synthetic_column(spacing_zyx_mm=sp, densities_mg_cm3=DENSITIES, noise_hu=10.0, blur_mm=1.0, seed=5)
+    sp = (2.0, 2.0, 2.0)
+    col = synthetic_column(spacing_zyx_mm=sp, densities_mg_cm3=DENSITIES, noise_hu=10.0, blur_mm=1.4, seed=5)
     # a segmenter one voxel too generous: every body dilated by a voxel into the disc / soft tissue
     grown = ndimage.grey_dilation(col.bodies, size=(3, 3, 3))
     fixed = roi_statistics(col.ct, trabecular_rois(grown, sp, "whole"), sp)

@@ -184,3 +184,28 @@ def test_real_contrast_ct_against_totalsegmentator():
     # contrast applied (DICOM tag) and an aorta near 150 HU: enhanced, not native
     assert detect_contrast_phase(res).detected in ("portal-venous", "arterial")
     assert res.hu["aorta"] > physics.tissue_hu("blood", 70) + 50
+
+
+def test_thoracic_aorta_beside_the_spine_not_the_heart():
+    """Thoracic levels: the descending aorta lies against the left side of the bodies and the
+    enhanced heart fills the front of the chest; the aorta must be the one found."""
+    ph = generate_ct_phantom(CTPhantomConfig(first_level="T5", last_level="T10", include_sacrum=False,
+                                             spacing_mm=(2.5,) * 3, effective_kev=65.0, noise_hu=15.0,
+                                             contrast_phase="arterial", seed=8))
+    res = find_reference_tissues(ph.image, ph.vertebrae.array, ph.bodies.array)
+    ids = ph.truth["tissue_ids"]
+    assert (ph.tissues.array[res.masks["aorta"]] == ids["aorta"]).mean() >= 0.95
+    assert res.hu["aorta"] == pytest.approx(ph.truth["tissue_hu"]["aorta"], abs=3.0)
+    assert detect_contrast_phase(res).detected == "arterial"
+
+
+def test_native_aorta_at_coarse_voxels_not_taken_for_bone_brightened_muscle():
+    """3 mm voxels, little noise: muscle next to the blurred vertebra reads >110 HU on the
+    smoothed image; the native aorta must still be found, and the scan called native."""
+    ph = generate_ct_phantom(CTPhantomConfig(first_level="T12", last_level="L3", include_sacrum=False, include_ribs=False,
+                                             spacing_mm=(3.0,) * 3, effective_kev=50.0, noise_hu=5.0, seed=3,
+                                             densities_mg_cm3={"T12": 160.0, "L1": 120.0, "L2": 90.0, "L3": 60.0}))
+    res = find_reference_tissues(ph.image, ph.vertebrae.array, ph.bodies.array)
+    assert (ph.tissues.array[res.masks["aorta"]] == ph.truth["tissue_ids"]["aorta"]).mean() >= 0.95
+    assert res.hu["aorta"] == pytest.approx(ph.truth["tissue_hu"]["aorta"], abs=2.0)
+    assert detect_contrast_phase(res).detected == "native"

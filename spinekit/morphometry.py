@@ -16,12 +16,14 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from . import levels as lv
-from .bmd.roi import VertebraFrame, _centroids_mm, _neighbour_centres, level_crops, profile_extent_mm, vertebra_frame
+from .bmd.roi import (VertebraFrame, _centroids_mm, _neighbour_centres, level_crops, main_body_component,
+                      profile_extent_mm, vertebra_frame)
 
 GENANT_LOSS_LIMITS = (0.20, 0.25, 0.40)  # grade 1 from 20 %, 2 from 25 %, 3 above 40 %
 KONG_RATIO_MEAN = 0.91
 KONG_RATIO_SD = 0.08
 KONG_RATIO_LIMIT = KONG_RATIO_MEAN - 3 * KONG_RATIO_SD  # 0.67
+FRAGMENT_FRACTION = 0.05  # flag when more than this share of a body mask is detached pieces
 HEIGHT_POSITIONS = {"anterior": 0.15, "middle": 0.50, "posterior": 0.85}  # fraction of depth from anterior
 
 
@@ -79,12 +81,14 @@ def body_heights(body: np.ndarray, spacing_zyx_mm, frame: VertebraFrame,
 def measure_morphometry(bodies: np.ndarray, spacing_zyx_mm, *, vertebrae: np.ndarray | None = None,
                         direction: np.ndarray | None = None,
                         levels: list[int] | None = None, crops: dict | None = None,
-                        vertebra_crops: dict | None = None) -> dict[str, LevelMorphometry]:
+                        vertebra_crops: dict | None = None, clean: bool = True) -> dict[str, LevelMorphometry]:
     """Morphometry of every body in a VerSe-id label map; keys are level names, cranio-caudal.
 
     vertebrae (whole-vertebra VerSe ids, optional) sets the anterior direction from the posterior
     elements; direction (3x3) is the image direction (scanner axes as fallback). crops /
     vertebra_crops: ``spinekit.bmd.roi.level_crops`` results when the caller has them.
+    clean: drop detached pieces of each body (flag 'body_mask_fragments' when > 5 %); pass
+    False for labels already cleaned with ``spinekit.bmd.roi.clean_body_labels``.
     """
     bodies = np.asarray(bodies)
     spacing = tuple(float(s) for s in spacing_zyx_mm)
@@ -99,8 +103,13 @@ def measure_morphometry(bodies: np.ndarray, spacing_zyx_mm, *, vertebrae: np.nda
     for vid in wanted:
         name = lv.level_name(vid)
         crop = crops[vid]
-        body = bodies[crop] == vid
+        raw = bodies[crop] == vid
+        body = main_body_component(raw) if clean else raw
         m = LevelMorphometry(level=name, verse_id=vid, body_volume_cm3=float(body.sum()) * voxel_cm3)
+        n_raw = int(raw.sum())
+        if n_raw and body.sum() < (1.0 - FRAGMENT_FRACTION) * n_raw:
+            # detached pieces / bridges (e.g. a vessel labelled as body) were left out
+            m.flags.append("body_mask_fragments")
         offset = np.array([s.start for s in crop]) * np.asarray(spacing)
         frame = vertebra_frame(body, spacing,
                                neighbour_centres_mm=[c - offset for c in _neighbour_centres(vid, centres)],

@@ -172,12 +172,14 @@ def ts_side_by_side(out_md: str | Path | None = "out/bench/ts_side_by_side.md") 
     if out_md:
         out_md = Path(out_md)
         out_md.parent.mkdir(parents=True, exist_ok=True)
-        note = ("\n\nOurs: SpineKit whole-trabecular ROI (body minus a resolution-scaled shell, "
-                f"{res.summary['roi_mode']}), phantomless HA calibration (effective energy "
-                f"{res.summary['calibration']['effective_kev']} keV), heights in each vertebra's own frame. "
-                "TS: TotalSegmentator spine report (computed on its own masks at the original resolution; "
-                "HU on a body eroded by 4 mm). Body masks here are TotalSegmentator's vertebrae_body labels "
-                "resampled to 3 mm, so our voxel-count volumes carry the 3 mm boundary voxels.\n")
+        cal = res.summary["calibration"]
+        note = ("\n\nOurs: SpineKit trabecular ROI (mode " + res.summary["roi_mode"] + ": body minus a shell of "
+                "max(3, 1 + 2.5 x voxel) mm = 8.5 mm here, deepened while the next layer is brighter than the "
+                f"core), phantomless HA calibration (effective energy {cal['effective_kev']} keV), heights in "
+                "each vertebra's own frame. TS: TotalSegmentator spine report (computed on its own masks at "
+                "the original resolution; HU on a body eroded by 4 mm). Body masks here are TotalSegmentator's "
+                "vertebrae_body labels resampled to 3 mm, so our voxel-count volumes carry the 3 mm boundary "
+                "voxels.\n")
         out_md.write_text("\n".join(lines) + note)
     return rows
 

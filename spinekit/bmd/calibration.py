@@ -605,3 +605,23 @@ def rod_hu_from_labels(ct_hu: np.ndarray, rod_labels: np.ndarray, erode_voxels: 
         use = e if e.sum() >= 10 else m
         out.append(float(np.mean(np.asarray(ct_hu, float)[use])))
     return out
+
+
+def rod_labels_from_circles(image, centres_lps_mm, radius_mm: float, shrink_mm: float = 1.5) -> np.ndarray:
+    """Rod label map (rod k = label k) from circular ROIs: each rod's axis point (LPS, mm) and
+    its radius; the ROI is the in-plane disc of radius − ``shrink_mm`` on every slice (rods run
+    along z), which keeps the rod edge's partial volume out."""
+    nz, ny, nx = image.shape
+    out = np.zeros(image.shape, np.uint8)
+    r = float(radius_mm) - float(shrink_mm)
+    if r <= 0:
+        raise InputError(f"rod radius {radius_mm} mm is too small for a measurement ROI.")
+    sy, sx = image.spacing_zyx_mm[1], image.spacing_zyx_mm[2]
+    for k, c in enumerate(centres_lps_mm, start=1):
+        zc, yc, xc = image.physical_to_index(np.asarray(c, float)[None])[0]
+        y, x = np.ogrid[:ny, :nx]
+        disc = ((y - yc) * sy) ** 2 + ((x - xc) * sx) ** 2 <= r * r
+        if not disc.any():
+            raise InputError(f"rod {k} at {list(c)} mm lies outside the image.")
+        out[:, disc] = k
+    return out

@@ -2,6 +2,7 @@
 
   spinekit calibration create PHANTOM_CT --rods ROD_MASKS --concentrations 0,50,100,200
         [--water 1012,1045,1020,1035] [--convention mindways|esp] [--table FILE]
+  (or --rod-centres "x,y,z;x,y,z;..." --rod-radius MM instead of --rods: circular ROIs)
   spinekit calibration list [--table FILE]
 
 `create` measures each rod (label k of ROD_MASKS = rod k, on the phantom CT's grid), fits the
@@ -29,7 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     c = sub.add_parser("create", help="fit a phantom scan and store its coefficients for the scanner")
     c.add_argument("phantom_ct", help="phantom CT: DICOM folder, NIfTI, NRRD or MHA (HU)")
-    c.add_argument("--rods", required=True, metavar="FILE", help="rod label map on the phantom CT (rod k = label k)")
+    rods = c.add_mutually_exclusive_group(required=True)
+    rods.add_argument("--rods", metavar="FILE", help="rod label map on the phantom CT (rod k = label k)")
+    rods.add_argument("--rod-centres", metavar="X,Y,Z;...",
+                      help="rod axis points in LPS mm, one x,y,z per rod separated by ';' (circular ROIs); "
+                           "write --rod-centres=... when the first value is negative")
+    c.add_argument("--rod-radius", type=float, default=None, metavar="MM", help="rod radius for --rod-centres (mm)")
     c.add_argument("--concentrations", required=True, metavar="MG_CM3",
                    help="mineral per rod, comma-separated (K2HPO4 for mindways, HA for esp)")
     c.add_argument("--water", metavar="MG_CM3", help="water density per rod from the phantom certificate (mindways)")
@@ -69,18 +75,28 @@ def _dicom_tags(path: Path) -> dict:
 def _create(args) -> int:
     from ..image import read_image
     from .calibration import (CalibrationTable, calibrate_phantom, default_table_path, describe_scanner,
-                              entry_from_calibration, rod_hu_from_labels)
+                              entry_from_calibration, rod_hu_from_labels, rod_labels_from_circles)
 
     ct_path = Path(args.phantom_ct)
     image = read_image(ct_path)
-    rods = read_image(Path(args.rods))
-    if rods.shape != image.shape:
-        raise InputError(f"{args.rods}: the rod mask grid {rods.shape} does not match the phantom CT grid {image.shape}.")
     conc = _floats(args.concentrations, "--concentrations")
     water = _floats(args.water, "--water") if args.water else None
-    rod_hu = rod_hu_from_labels(image.array, rods.array)
+    if args.rods:
+        rods = read_image(Path(args.rods))
+        if rods.shape != image.shape:
+            raise InputError(f"{args.rods}: the rod mask grid {rods.shape} does not match the phantom CT grid {image.shape}.")
+        rod_hu = rod_hu_from_labels(image.array, rods.array)
+        source = args.rods
+    else:
+        if args.rod_radius is None:
+            raise InputError("--rod-centres needs --rod-radius (mm).")
+        centres = [_floats(c, "--rod-centres") for c in args.rod_centres.split(";") if c.strip()]
+        if any(len(c) != 3 for c in centres):
+            raise InputError(f"--rod-centres '{args.rod_centres}' must hold x,y,z (mm) per rod, separated by ';'.")
+        rod_hu = rod_hu_from_labels(image.array, rod_labels_from_circles(image, centres, args.rod_radius), erode_voxels=0)
+        source = "--rod-centres"
     if len(rod_hu) != len(conc):
-        raise InputError(f"{args.rods}: holds {len(rod_hu)} rods but {len(conc)} concentrations were given.")
+        raise InputError(f"{source}: holds {len(rod_hu)} rods but {len(conc)} concentrations were given.")
     cal = calibrate_phantom(rod_hu, conc, convention=args.convention, mineral=args.mineral,
                             rod_water_density_mg_cm3=water, method=args.method)
     meta = {**_dicom_tags(ct_path), **{k: v for k, v in dict(image.metadata).items() if v not in (None, "")}}

@@ -26,9 +26,9 @@ ACR_NORMAL_ABOVE_MG_CM3 = 120.0
 ACR_OSTEOPOROSIS_BELOW_MG_CM3 = 80.0
 CATEGORIES = ("normal", "osteopenia", "osteoporosis")
 
-# Preferred level pairs, best first: L1-L2, then the next adjacent lumbar pairs, T12-L1 last
-# but one because the thoracolumbar junction is where fractures cluster.
-LEVEL_PAIRS: tuple[tuple[str, str], ...] = (("L1", "L2"), ("L2", "L3"), ("T12", "L1"), ("L3", "L4"), ("L4", "L5"))
+# Preferred level pairs, best first, within T12-L4 (the ACR QCT practice parameter's range):
+# L1-L2, then L2-L3, T12-L1 and L3-L4. L5 is left out (iliac crest, degenerative sclerosis).
+LEVEL_PAIRS: tuple[tuple[str, str], ...] = (("L1", "L2"), ("L2", "L3"), ("T12", "L1"), ("L3", "L4"))
 
 NORMATIVE_CSV = Path(__file__).resolve().parent.parent / "data" / "normative_qct.csv"
 
@@ -207,8 +207,9 @@ def interpret(level_vbmd: dict[str, float | None], *, excluded: dict[str, str] |
     pair, notes = select_level_pair(level_vbmd, excluded)
     warnings = list(notes)
     if pair is None:
-        warnings.append("No valid pair of adjacent lumbar vertebrae (L1-L2, L2-L3, T12-L1, L3-L4, L4-L5) "
-                        "was measured, so no L1-L2 vBMD or category is given.")
+        pairs = ", ".join(f"{a}-{b}" for a, b in LEVEL_PAIRS)
+        warnings.append(f"No valid pair of adjacent vertebrae ({pairs}) was measured, so no L1-L2 vBMD or "
+                        "category is given.")
         return Interpretation(None, [], None, age_years=age_years, sex=sex, warnings=warnings)
     value = float(np.mean([level_vbmd[n] for n in pair]))
     if pair != ("L1", "L2"):

@@ -190,6 +190,42 @@ def _crop_slices(mask_slices: tuple[slice, ...], shape: tuple[int, ...], pad: in
     return tuple(slice(max(s.start - pad, 0), min(s.stop + pad, n)) for s, n in zip(mask_slices, shape))
 
 
+def main_body_component(body: np.ndarray) -> np.ndarray:
+    """The body mask without detached pieces and thin bridges (a vessel or rib fragment a
+    segmenter gave the level): the largest connected part of the mask opened by one voxel,
+    grown back by one voxel inside the original mask, so a clean body is returned unchanged
+    up to single-voxel spurs."""
+    if not body.any():
+        return body
+    struct = ndimage.generate_binary_structure(3, 1)
+    core = ndimage.binary_opening(body, struct)
+    lab, n = ndimage.label(core if core.any() else body, struct)
+    if n > 1:
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        core = lab == int(np.argmax(sizes))
+    elif n == 1:
+        core = lab > 0
+    return body & ndimage.binary_dilation(core, struct)
+
+
+def clean_body_labels(bodies: np.ndarray, crops: dict[int, tuple[slice, ...]] | None = None
+                      ) -> tuple[np.ndarray, dict[int, float]]:
+    """``main_body_component`` for every level: (cleaned label map, fraction removed per id)."""
+    crops = level_crops(bodies) if crops is None else crops
+    out = np.array(bodies, copy=True)
+    removed: dict[int, float] = {}
+    for vid, crop in crops.items():
+        raw = bodies[crop] == vid
+        keep = main_body_component(raw)
+        drop = raw & ~keep
+        n = int(raw.sum())
+        removed[vid] = float(drop.sum()) / n if n else 0.0
+        if drop.any():
+            out[crop][drop] = 0
+    return out, removed
+
+
 def _body_depth_mm(body: np.ndarray, spacing_zyx_mm) -> np.ndarray:
     # Distance (mm) from each inside voxel to the nearest outside voxel: exact in mm for
     # anisotropic voxels, unlike iterated binary erosion.
@@ -302,13 +338,16 @@ def trabecular_rois(bodies: np.ndarray, spacing_zyx_mm, mode: str = "whole", *,
                     levels: list[int] | None = None, margin_mm: float | None = None,
                     vertebrae: np.ndarray | None = None, direction: np.ndarray | None = None,
                     height_mm: float = MID_HEIGHT_MM, ct: np.ndarray | None = None,
-                    crops: dict | None = None, vertebra_crops: dict | None = None) -> np.ndarray:
+                    crops: dict | None = None, vertebra_crops: dict | None = None,
+                    clean: bool = True) -> np.ndarray:
     """Trabecular ROIs of all (or the given) levels as one uint8 label map of VerSe ids.
 
     ct (HU, same grid): when given, the shell adapts per level (``adaptive_margin_mm``): it is
     deepened while the next layer is still brighter than the core, which keeps the cortex out
     of a body mask that is larger than the bone. crops / vertebra_crops: ``level_crops`` of
     bodies / vertebrae when the caller already has them (each is a pass over the volume).
+    clean: drop detached pieces of each body first (``main_body_component``); pass False when
+    the labels were already cleaned with ``clean_body_labels``.
     """
     if mode not in ROI_MODES:
         raise ValueError(f"ROI mode must be one of {ROI_MODES}, not {mode!r}")
@@ -327,6 +366,8 @@ def trabecular_rois(bodies: np.ndarray, spacing_zyx_mm, mode: str = "whole", *,
     for vid in wanted:
         crop = crops[vid]
         body = bodies[crop] == vid
+        if clean:
+            body = main_body_component(body)
         if mode == "whole":
             roi = _whole_roi(body, spacing, margin, None if ct is None else ct[crop])
         else:
@@ -366,7 +407,8 @@ class RoiStats:
 
 def roi_statistics(ct: np.ndarray, roi_labels: np.ndarray, spacing_zyx_mm, *,
                    levels: list[int] | None = None, min_volume_mm3: float = MIN_ROI_VOLUME_MM3,
-                   min_voxels: int = MIN_ROI_VOXELS, metal_hu: float = METAL_HU) -> dict[int, RoiStats]:
+                   min_voxels: int = MIN_ROI_VOXELS, metal_hu: float = METAL_HU,
+                   crops: dict[int, tuple[slice, ...]] | None = None) -> dict[int, RoiStats]:
     """Mean / median / SD HU per ROI, voxel count, and flags 'roi_small', 'roi_empty', 'metal'.
 
     The median resists the basivertebral vein (low) and sclerotic islands (high); metal is any
@@ -375,14 +417,16 @@ def roi_statistics(ct: np.ndarray, roi_labels: np.ndarray, spacing_zyx_mm, *,
     ct = np.asarray(ct)
     roi_labels = np.asarray(roi_labels)
     voxel_mm3 = float(np.prod(spacing_zyx_mm))
-    # find_objects is one pass over the volume (np.unique would sort 10^8 voxels)
-    objects = ndimage.find_objects(roi_labels)
-    ids = sorted({i + 1 for i, sl in enumerate(objects) if sl is not None} | set(levels or []))
+    # Boxes holding each ROI: the caller's (e.g. the bodies' crops) or one find_objects pass
+    # (np.unique would sort 10^8 voxels).
+    if crops is None:
+        crops = {i + 1: sl for i, sl in enumerate(ndimage.find_objects(roi_labels)) if sl is not None}
+    ids = sorted(set(crops) | set(levels or []))
     out: dict[int, RoiStats] = {}
     for vid in ids:
         if vid not in lv.VERSE_NAMES:
             continue
-        sl = objects[vid - 1] if vid - 1 < len(objects) else None
+        sl = crops.get(vid)
         vals = ct[sl][roi_labels[sl] == vid].astype(np.float64) if sl is not None else np.empty(0)
         n = int(vals.size)
         flags: list[str] = []

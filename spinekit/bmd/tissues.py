@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage as ndi
-from scipy.signal import fftconvolve
+from scipy.fft import next_fast_len
 from scipy.stats import trim_mean
 
+from ..errors import InputError
 from ..image import Image
 
 TISSUES = ("air", "fat", "muscle", "aorta", "ivc")
@@ -55,6 +56,9 @@ MUSCLE_LATERAL_MM = (8.0, 45.0)      # paraspinal muscle: lateral distance from 
 MUSCLE_POSTERIOR_MM = (10.0, 90.0)   # ... and posterior distance from the spinal column centre
 VESSEL_RADII_MM = (6.0, 8.0, 10.0, 12.0, 14.0)  # lumen radii tried
 VESSEL_CONTRAST_CAP_HU = 250.0       # disc-minus-ring contrast that counts as fully vessel-like
+RING_SECTORS = 8                     # the ring around a candidate lumen, in angular sectors
+RING_RANK = 3                        # ... compared with its 3rd brightest sector (2 may touch crus, bone)
+VESSEL_MAX_BONE_FRACTION = 0.3      # a lumen disc may overlap the (dilated) spine this much
 VESSEL_MIN_SCORE = 0.08              # below this no vessel is accepted (20 HU of contrast)
 # expected lumen centre relative to (spine x, anterior edge y), mm, LPS: aorta anterior-left,
 # IVC anterior-right; the score drops by the penalty per mm beyond 15 mm from it
@@ -95,13 +99,17 @@ _WHY = {
 
 def _missing_sentence(tissue: str) -> str:
     names = {"air": "Air", "fat": "Subcutaneous fat", "muscle": "Paraspinal muscle",
-             "aorta": "The aorta", "ivc": "The inferior vena cava"}
+             "aorta": "Aorta", "ivc": "Inferior vena cava (IVC)"}
     return f"{names[tissue]} reference not found: {_WHY[tissue]}."
 
 
 # --- orientation ------------------------------------------------------------------------------
 def _to_lps(image: Image, arrays: list[np.ndarray | None]):
     """Re-orient image (and label arrays on its grid) to LPS; returns arrays + a back-mapper."""
+    arrays = [a.array if isinstance(a, Image) else a for a in arrays]
+    for a in arrays:
+        if a is not None and np.shape(a) != image.shape:
+            raise InputError(f"the vertebra labels {np.shape(a)} are not on the CT grid {image.shape}.")
     img = image.to_sitk()
     orient = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(img.GetDirection())
     if orient == "LPS":
@@ -253,7 +261,8 @@ def _vessel_box(track, z: int, side: str, spacing: tuple, shape) -> tuple[int, i
         x0, x1 = xs[z] - 2.0 / sx, xs[z] + 50.0 / sx
     else:                 # IVC: from ~60 mm right to the midline
         x0, x1 = xs[z] - 60.0 / sx, xs[z] + 2.0 / sx
-    y0, y1 = yant[z] - 55.0 / sy, yant[z] + 10.0 / sy
+    # the descending thoracic aorta runs beside (not in front of) the upper bodies
+    y0, y1 = yant[z] - 55.0 / sy, yant[z] + (25.0 if side == "left" else 10.0) / sy
     x0, x1 = int(max(x0, 0)), int(min(x1, shape[2] - 1))
     y0, y1 = int(max(y0, 0)), int(min(y1, shape[1] - 1))
     if x1 <= x0 or y1 <= y0:
@@ -262,7 +271,8 @@ def _vessel_box(track, z: int, side: str, spacing: tuple, shape) -> tuple[int, i
 
 
 def _ring_kernels(r_mm: float, spacing: tuple):
-    """Normalised disc (0.7 r) and annulus (r + 1.5 .. r + 5 mm) kernels for one radius."""
+    """Normalised disc (0.7 r) kernel and the ring (r + 1.5 .. r + 5 mm) split into angular
+    sectors (unnormalised indicator kernels) for one radius."""
     sy, sx = spacing[1], spacing[2]
     R = r_mm + 5.0
     ry, rx = int(np.ceil(R / sy)), int(np.ceil(R / sx))
@@ -270,13 +280,29 @@ def _ring_kernels(r_mm: float, spacing: tuple):
     d = np.hypot(y * sy, x * sx)
     disc = d <= max(0.7 * r_mm, 0.75 * min(sy, sx))
     ring = (d >= r_mm + 1.5) & (d <= R)
-    return disc / disc.sum(), ring / ring.sum(), disc
+    ang = np.floor((np.arctan2(y * sy, x * sx) + np.pi) / (2 * np.pi) * RING_SECTORS).astype(int) % RING_SECTORS
+    sectors = [(ring & (ang == k)).astype(float) for k in range(RING_SECTORS)]
+    return disc / disc.sum(), sectors
 
 
-def _conv(a: np.ndarray, k2d: np.ndarray) -> np.ndarray:
-    """In-plane convolution of a stack of slices (FFT; the crop has margin, so zero padding at
-    its edge does not reach the search box)."""
-    return fftconvolve(a, k2d[None], mode="same", axes=(1, 2))
+class _Spectra:
+    """In-plane convolutions of a few fixed slice stacks with many kernels: the stacks are
+    transformed once (FFT), each kernel once, each product back once. The crop has a margin, so
+    the zero padding at its edge does not reach the search box."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], max_kernel: tuple[int, int]):
+        nz, ny, nx = next(iter(arrays.values())).shape
+        self.ny, self.nx = ny, nx
+        self.shape = (next_fast_len(ny + max_kernel[0]), next_fast_len(nx + max_kernel[1]))
+        self.f = {k: np.fft.rfft2(a, s=self.shape, axes=(1, 2)) for k, a in arrays.items()}
+
+    def kernel(self, k2d: np.ndarray):
+        return np.fft.rfft2(k2d, s=self.shape), (k2d.shape[0] // 2, k2d.shape[1] // 2)
+
+    def conv(self, name: str, kern) -> np.ndarray:
+        kf, (cy, cx) = kern
+        full = np.fft.irfft2(self.f[name] * kf[None], s=self.shape, axes=(1, 2))
+        return full[:, cy:cy + self.ny, cx:cx + self.nx]
 
 
 def _vessel_score(sm: np.ndarray, raw: np.ndarray, excl: np.ndarray, spacing: tuple, hu_window,
@@ -286,19 +312,33 @@ def _vessel_score(sm: np.ndarray, raw: np.ndarray, excl: np.ndarray, spacing: tu
     Returns (score, radius_mm)."""
     best = np.full(sm.shape, -np.inf, np.float32)
     best_r = np.zeros(sm.shape, np.float32)
-    keep = (~excl).astype(np.float32)
-    sm_keep = sm * keep
-    raw2 = raw * raw
+    keep = (~excl).astype(np.float64)
+    big = _ring_kernels(max(VESSEL_RADII_MM), spacing)[0].shape
+    sp = _Spectra({"keep": keep, "sm": sm * keep, "raw": raw * keep, "raw2": raw * raw * keep}, big)
     for r in VESSEL_RADII_MM:
-        k_in, k_ring, _ = _ring_kernels(r, spacing)
-        m_in = _conv(sm, k_in)
-        # the ring ignores bone: an aorta lying on the vertebral body still has a dark ring
-        m_ring = _conv(sm_keep, k_ring) / np.maximum(_conv(keep, k_ring), 1e-3)
-        sd_in = np.sqrt(np.maximum(_conv(raw2, k_in) - _conv(raw, k_in) ** 2, 0))
-        bad = _conv(1.0 - keep, k_in) > 0.01
+        k_in, sectors = _ring_kernels(r, spacing)
+        kin = sp.kernel(k_in)
+        # disc and ring ignore bone: an aorta lying on the vertebral body (the thoracic aorta
+        # touches it) keeps a clean lumen and a dark ring on its free sides
+        w_in = np.maximum(sp.conv("keep", kin), 1e-3)
+        m_in = sp.conv("sm", kin) / w_in
+        sd_in = np.sqrt(np.maximum(sp.conv("raw2", kin) / w_in - (sp.conv("raw", kin) / w_in) ** 2, 0))
+        bad = w_in < 1.0 - VESSEL_MAX_BONE_FRACTION
+        # ring level = a bright-side sector (RING_RANK-th brightest of RING_SECTORS): a vessel is
+        # darker-ringed nearly all around, a disc at the edge of a big organ is not; a sector
+        # that is mostly bone counts as dark
+        sec = []
+        for k_sec in sectors:
+            ks = sp.kernel(k_sec)
+            w = sp.conv("keep", ks)
+            sec.append(np.where(w > 0.5 * k_sec.sum(), sp.conv("sm", ks) / np.maximum(w, 1e-3), -1e4))
+        sec = np.array(sec)
+        m_ring = np.sort(sec, axis=0)[RING_SECTORS - RING_RANK]
+        # a lumen lies against bone on one side at most (the spinal canal is ringed by bone)
+        walled = (sec <= -1e4).sum(axis=0) > RING_SECTORS // 2 - 1
         contrast = np.minimum(m_in - m_ring, VESSEL_CONTRAST_CAP_HU)
         score = contrast / VESSEL_CONTRAST_CAP_HU - np.maximum(sd_in / max(noise_hu, 1.0) - 1.5, 0) * 0.5
-        score[(m_in < hu_window[0]) | (m_in > hu_window[1]) | bad] = -np.inf
+        score[(m_in < hu_window[0]) | (m_in > hu_window[1]) | bad | walled] = -np.inf
         better = score > best
         best[better] = score[better]
         best_r[better] = r
@@ -309,9 +349,11 @@ def _find_vessel(sm: np.ndarray, raw: np.ndarray, excl: np.ndarray, track, spaci
                  hu_window, noise_hu: float, slab_mm: float = 40.0):
     """A vertical tube (aorta / IVC) inside a box anterior of the spine on one side.
 
-    The vessel score (homogeneous disc brighter than its ring) is averaged over slabs of
-    ~60 mm along z: a tube gives one steady maximum while bowel or crura come and go. The slab
-    maximum fixes the centre, refined per slice within 6 mm. Returns [(z, y, x, r_mm), ...].
+    The vessel score (homogeneous disc brighter than its ring, minus a distance prior) is
+    max-filtered in-plane and averaged over slabs of ~40 mm along z: a tube gives one steady
+    maximum while bowel or crura come and go. The slab maximum fixes the centre, refined per
+    slice within 6 mm; slabs far weaker than the best one, or off its path, are dropped.
+    Returns [(z, y, x, r_mm), ...].
     """
     nz, ny, nx = sm.shape
     sy, sx = spacing[1], spacing[2]
@@ -373,7 +415,7 @@ def _find_vessel(sm: np.ndarray, raw: np.ndarray, excl: np.ndarray, track, spaci
     return out
 
 
-def _consistent_track(cands, spacing: tuple, max_jump_mm: float = 12.0):
+def _consistent_track(cands, spacing: tuple, max_jump_mm: float = 25.0):
     """Keep the candidates that agree with the median centre track (a tube along z)."""
     if not cands:
         return []
@@ -533,14 +575,18 @@ def _detect(arr: np.ndarray, vert, bod, spacing: tuple) -> tuple[dict[str, np.nd
     n_slices = int(np.isfinite(xs).sum())
     # an enhanced aorta is a bright tube through most of the slices, not a few bright spots
     enhanced = len(enh) >= max(3, 0.5 * len(soft), 0.3 * n_slices)
+    if enhanced:
+        # and its lumen really reads enhanced (not a muscle edge brightened by blurred bone)
+        lumen = _vessel_mask(arr.shape, enh, spacing) & ~exclude
+        enhanced = lumen.sum() >= 3 and _robust_stats(arr[lumen])[0] >= ENHANCED_HU[0]
     aorta_c = enh if enhanced else soft
-    aorta = _vessel_mask(arr.shape, aorta_c, spacing) if aorta_c else np.zeros(arr.shape, bool)
+    aorta = _vessel_mask(arr.shape, aorta_c, spacing) & ~exclude if aorta_c else np.zeros(arr.shape, bool)
     keep("aorta", aorta)
 
     # IVC: round vessel anterior-right; on enhanced scans anywhere from unenhanced to aorta-bright
     excl2 = exclude | ndi.binary_dilation(aorta, structure=_disk(6.0, spacing[1:])[None])
     window = (SOFT_HU[0], IVC_ENHANCED_MAX_HU if enhanced else SOFT_HU[1])
     best = _consistent_track(_find_vessel(smooth, arr, excl2, track, spacing, "right", window, noise), spacing)
-    ivc = _vessel_mask(arr.shape, best, spacing) if best else np.zeros(arr.shape, bool)
+    ivc = _vessel_mask(arr.shape, best, spacing) & ~excl2 if best else np.zeros(arr.shape, bool)
     keep("ivc", ivc)
     return masks, notes

@@ -1,19 +1,27 @@
 """The default CT vertebra segmentation + level naming backend ("builtin": classic image
 processing, no weights, works offline).
 
-Pipeline (all on an internal axis-aligned LPS grid of ~1.5-2 mm, labels mapped back at the end):
-1. check the input is a CT in HU; resample to the working grid (z up, y posterior, x left);
-2. bone = smoothed HU above a cortical threshold; per-slice hole filling turns cortical rings
-   into solid bone, so low-density (osteoporotic) bodies are found by their shell;
-3. spinal canal = soft tissue enclosed by bone in all 8 in-plane directions, near the midline,
-   the most posterior such blob per slice; tracked along z (median filter + interpolation);
-4. column = filled bone in a box around the canal, minus the canal itself; body = the column
-   part anterior to the canal's anterior wall;
-5. discs = minima of the body-bone profile along the arc length of the body centreline
-   (slabs perpendicular to the centreline, so lordosis does not smear the discs);
-6. bodies split at the discs; posterior elements joined to their body by a marker watershed;
-7. names from anchors: sacrum (wide alae below the lowest disc) -> L5, lowest rib-bearing
-   vertebra -> T12; with no anchor in view the names are a guess marked uncertain.
+Pipeline (all on an internal axis-aligned LPS grid of 1.5-2 mm, labels mapped back at the end):
+1. check the input is a CT in HU; block-average + resample to the working grid (z up,
+   y posterior, x left), whatever the input's direction cosines;
+2. bone = smoothed HU above a cortical threshold; per-slice hole filling (after a small closing
+   in the body zone) turns cortical rings into solid bone, so low-density bodies are found by
+   their shell; trabecular-density voxels count as bone too;
+3. spinal canal = soft tissue (CSF-like HU) enclosed by bone in the 8 in-plane directions, near
+   the midline; tracked slice by slice from a seed with a drift prediction (lordosis,
+   scoliosis), gaps bridged, extrapolated along the sacral curve;
+4. column = solid bone in a box around the canal, minus the canal; a long, homogeneous,
+   off-midline tube in front of the bodies (contrast aorta) is removed; body = the column part
+   anterior to the canal's anterior wall;
+5. discs = deep minima of the density-weighted body profile along the body centreline, over
+   slabs tilted -30..30 degrees (the L5/S1 disc), gaps filled where the disc spacing expects one;
+6. bodies split by the disc planes; posterior elements joined to their body by a marker
+   watershed over the inverted distance map (pedicles are thick, facet contacts thin);
+7. names from anchors: sacrum (solid alae lateral to the lowest segment) -> L5, lowest
+   rib-bearing vertebra with a rib-free one below -> T12; both -> lumbar from the sacrum,
+   thoracic from the ribs, conflicts flagged; no anchor -> a guess marked uncertain;
+8. rib heads/necks are given back to the ribs, and on fine native grids the outlines are
+   redrawn from native HU.
 """
 
 from __future__ import annotations
@@ -33,26 +41,37 @@ from ..progress import Progress, report
 from .base import LevelRecord, SegmentationResult
 
 BONE_HU = 180.0          # cortical shell / dense trabecular bone after light smoothing
+NATIVE_EDGE_HU = 250.0   # outline on a fine native grid (half-way soft tissue to cortex)
+COARSE_EDGE_HU = None    # outline threshold for coarse (>= 2.5 mm) scans after labelling; None keeps the
+#                          partial-volume rim (TotalSegmentator's 3 mm labels include it; the 3 mm
+#                          phantom truth does not: 150 HU gives phantom 0.81, real T12/L1 -0.1)
 EDGE_HU = 200.0          # outline voxels darker than this are partial-volume soft tissue
 TRABECULAR_HU = 115.0    # normal trabecular bone; discs (~85 HU) and muscle stay below
 SOFT_LOW_HU = -250.0     # canal content (CSF, cord, epidural fat) lies above this
 CANAL_HIGH_HU = 60.0     # ... and below this (osteoporotic trabecular bone is ~85 HU)
 CANAL_MEAN_HU = 50.0     # mean of a canal blob after extra smoothing (noise pockets in bone fail)
-CANAL_AREA_MM2 = (25.0, 700.0)
+CANAL_AREA_MM2 = (25.0, 700.0)  # cross-section of a canal candidate
 MIDLINE_BAND_MM = 45.0   # canal centre within this distance of the torso centre (scoliosis)
 ROI_ANTERIOR_MM = 70.0   # column box around the canal centre
 ROI_POSTERIOR_MM = 55.0
 ROI_LATERAL_MM = 50.0
-MIN_VERTEBRA_MM = 12.0
+MIN_VERTEBRA_MM = 12.0   # shortest vertebra + disc pitch kept (crush fractures included)
 DISC_DEPTH = 0.45        # a disc slab holds under half the bone of the bodies next to it
 WEAK_DISC_DEPTH = 0.85   # a tilted / narrow disc, accepted where the disc spacing expects one
 ALA_FRACTION = 0.15      # share of a segment's bone lateral-anterior (sacral alae)
-DEFAULT_PITCH_MM = 30.0
+DEFAULT_PITCH_MM = 30.0  # vertebra + disc height when too few discs are seen to measure it
+TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # sagittal tilts of the disc-finding slabs
+VESSEL_HU = (160.0, 520.0)  # contrast-filled aorta (arterial phase up to ~350-450 HU)
+VESSEL_MIN_LENGTH_MM = 70.0  # the aorta runs past several levels; a body ends at its discs
+VESSEL_ERODE = 1         # in-plane erosion that cuts a vessel's contact with the bodies
+VESSEL_MAX_AREA_MM2 = 700.0  # larger cross-sections are vessel merged with a body: kept
+PEDICLE_BAND_MM = 25.0   # pedicles / laminae: beside and just behind the canal
+PEDICLE_CLEARANCE_MM = 5.0  # ... seeded only this far from a disc plane
 BODY_CLOSING_MM = 4.0    # gaps in a body's cortical ring bridged before filling
-THORACIC_HALF_WIDTH_MM = 32.0       # transverse process tips of T1-T12
+THORACIC_HALF_WIDTH_MM = 30.0       # transverse process tips of T1-T12
 THORACIC_BODY_HALF_WIDTH_MM = 22.0  # thoracic bodies; rib heads sit just lateral
+RIB_HEAD_MIN_MM = 15.0              # rib heads articulate this far from the midline
 RIB_MAX_MM3 = 60000.0    # bigger bone pieces beside the column are pelvis / shoulder girdle
-TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # vertebra + disc height when too few discs are seen to measure it   # shortest vertebra segment kept (crush fractures included)
 
 
 @dataclass
@@ -282,7 +301,20 @@ def _track_canal(hu, bone, body, sp):
     cx = _smooth_track(z_sel, sel[:, 2], nz, win)
     rad = np.sqrt(_smooth_track(z_sel, sel[:, 3], nz, win) / np.pi) / sp
     front = _smooth_track(z_sel, sel[:, 4], nz, win)
-    return dict(cy=cy, cx=cx, rad=rad, front=front, z_lo=int(z_sel.min()), z_hi=int(z_sel.max()))
+    # Beyond the tracked range (the thin sacral canal, the field-of-view ends) continue the
+    # track along its end direction rather than straight down / up.
+    z0, z1 = int(z_sel.min()), int(z_sel.max())
+    n_fit = max(3, int(round(20.0 / sp)))
+    for lo_end in (True,):   # caudally the thin sacral canal is lost; cranially the FOV ends
+        zz = np.arange(z0, min(z1, z0 + n_fit) + 1) if lo_end else np.arange(max(z0, z1 - n_fit), z1 + 1)
+        if zz.size < 3:
+            continue
+        out = np.arange(0, z0) if lo_end else np.arange(z1 + 1, nz)
+        ref_z = z0 if lo_end else z1
+        for arr in (cy, cx, front):
+            slope = float(np.clip(np.polyfit(zz, arr[zz], 1)[0], -1.0, 1.0))
+            arr[out] = arr[ref_z] + slope * (out - ref_z)
+    return dict(cy=cy, cx=cx, rad=rad, front=front, z_lo=z0, z_hi=z1)
 
 
 def _curve_coordinates(cz, cy, cx, sp):
@@ -377,7 +409,6 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     LevelRecord per level. Raises InputError for non-CT input, or when no vertebral column (or
     fewer than ``min_levels`` vertebrae) is found.
     """
-    import os
     _check_ct(image)
     report(progress, 0.0, "builtin: resampling")
     native_min = float(min(image.spacing_mm))
@@ -397,7 +428,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     if canal is None:
         raise InputError("no vertebral column found in the CT (no bone-enclosed spinal canal in view).")
     nz, ny, nx = hu.shape
-    z_lo = max(0, canal["z_lo"] - int(round(40.0 / sp)))
+    z_lo = max(0, canal["z_lo"] - int(round(80.0 / sp)))
     z_hi = min(nz - 1, canal["z_hi"] + int(round(40.0 / sp)))
 
     # --- column mask in a box around the canal -----------------------------------------------
@@ -418,7 +449,11 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     canal_disc = (dy ** 2 + dx ** 2) < (np.maximum(canal["rad"], 3.0 / sp)[:, None, None] * sp) ** 2
     holes = column & ~raw
     hl, _ = ndi.label(holes, structure=_SLICE)
-    canal_holes = np.unique(hl[canal_disc & holes])
+    # (only holes reaching the canal's central part: a low-density body's interior is a hole
+    # too, and it touches the canal's outline through a thin posterior wall)
+    core = (dy ** 2 + dx ** 2) < (np.maximum(0.5 * canal["rad"], 1.0)[:, None, None] * sp) ** 2
+    canal_holes = np.unique(hl[core & holes])
+    del core
     canal_holes = canal_holes[canal_holes > 0]
     if canal_holes.size:
         column &= ~np.isin(hl, canal_holes)
@@ -434,7 +469,38 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         del shell
     front_mm = (canal["front"][:, None, None] - canal["cy"][:, None, None]) * sp  # negative
     anterior = dy < front_mm
-    del dy
+    # A contrast-filled aorta touching the bodies: smooth, homogeneous (no bright cortex) and
+    # continuous over many levels, where bodies are interrupted by discs.
+    vessel = np.zeros_like(column)
+    zone = anterior & box & (dy < front_mm - 4.0)
+    cand = (hu_s > VESSEL_HU[0]) & (hu_s < VESSEL_HU[1]) & zone
+    # One in-plane erosion cuts the thin contacts between the vessel and the bodies.
+    cand_full = cand
+    cand = ndi.binary_erosion(cand, structure=_SLICE, iterations=VESSEL_ERODE)
+    lab, n = ndi.label(cand)
+    if n:
+        objs = ndi.find_objects(lab)
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        for i, o in enumerate(objs):
+            if o is None:
+                continue
+            z_ext = (o[0].stop - o[0].start) * sp
+            area = sizes[i + 1] * sp ** 3 / max(z_ext, sp)
+            if not (z_ext >= VESSEL_MIN_LENGTH_MM and 60.0 <= area <= 800.0):
+                continue
+            comp = lab[o] == i + 1
+            # The aorta runs beside the midline; bodies (and a column merged with them) straddle it.
+            mid = np.abs(np.broadcast_to(dx, lab.shape)[o][comp]) < 8.0
+            if mid.mean() < 0.35:
+                # Slices where the vessel has merged with a body (too big a cross-section) keep
+                # everything: losing a body is worse than keeping a piece of aorta.
+                per_slice = comp.sum(axis=(1, 2)) * sp * sp
+                ok = (per_slice <= VESSEL_MAX_AREA_MM2)[:, None, None]
+                vessel[o] |= comp & ok
+        if vessel.any():
+            vessel = ndi.binary_dilation(vessel, structure=_SLICE, iterations=VESSEL_ERODE) & cand_full
+            column &= ~vessel
+    del lab, cand, cand_full
     # Low-density bodies whose cortical ring is not closed in a slice (thin cortex, partial
     # volume): close small gaps in-plane and fill, within the body zone only.
     r = max(1, int(round(BODY_CLOSING_MM / sp)))
@@ -444,11 +510,8 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     zs_, ys_, xs_ = ndi.find_objects(zone.astype(np.uint8))[0]
     crop = (zs_, slice(max(0, ys_.start - r), ys_.stop + r), slice(max(0, xs_.start - r), xs_.stop + r))
     closed = ndi.binary_closing(column[crop] & zone[crop], structure=disk)
-    # 2D fill per slice, then 3D fill: a cavity closed by the endplates above and below is
-    # trabecular bone too.
-    closed = ndi.binary_fill_holes(closed, structure=_SLICE)
-    column[crop] |= ndi.binary_fill_holes(closed) & zone[crop]
-    del closed, zone
+    column[crop] |= ndi.binary_fill_holes(closed, structure=_SLICE) & zone[crop] & ~vessel[crop]
+    del closed, zone, dy, vessel
 
     # Keep the column: components that reach near the canal.
     lab, n = ndi.label(column)
@@ -490,7 +553,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     nb = int(np.ceil((s_hi - s_lo) / sp)) + 1
     # Weight by density: a tilted disc cut axially looks like a bone ring and gets filled, but
     # its content (~85 HU) is darker than the bodies' trabecular bone.
-    w_body = np.clip(hu_s[zb, yb, xb] - 50.0, 10.0, 400.0)
+    w_body = np.clip(hu_s[zb, yb, xb] - 50.0, 10.0, 150.0)
     profiles = []
     for deg in TILTS_DEG:
         n_t = tilted(t_z[zb], deg)
@@ -504,9 +567,6 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     b0, b1 = nzb.min(), nzb.max() + 1
     disc_bins = _find_discs(prof[b0:b1], sp)
     disc_bins = [d + b0 for d in disc_bins]
-    if os.environ.get("SB_DEBUG"):
-        np.save("/tmp/sb/prof.npy", prof[b0:b1])
-        np.savez("/tmp/sb/dbg.npz", hu=hu, column=column, body_core=body_core, cy=canal["cy"], cx=canal["cx"], by=by, bx=bx, s_z=s_z, t_z=t_z, front=canal["front"])
     planes = []   # (point zyx in voxels, unit normal zyx)
     for d in disc_bins:
         s_d = s_lo + (d + 0.5) * sp
@@ -529,7 +589,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     counts = np.bincount(seg_a, minlength=len(planes) + 1)
     # Drop end segments too small to be a vertebra (a cut-off sliver at the field-of-view edge).
     typical = np.median(counts[counts > 0]) if np.any(counts > 0) else 0
-    keep_seg = [i for i in range(len(counts)) if counts[i] >= 0.25 * typical and counts[i] > 0]
+    keep_seg = [i for i in range(len(counts)) if counts[i] >= 0.15 * typical and counts[i] > 0]
     if len(keep_seg) < max(1, min_levels):
         raise InputError(f"no vertebral column found in the CT (found {len(keep_seg)} vertebrae, "
                          f"need at least {min_levels}).")
@@ -540,7 +600,25 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         lut_seg[i] = j + 1
     markers = np.zeros(hu.shape, np.uint8)
     markers[za, ya, xa] = lut_seg[seg_a]
+    body_markers = markers.copy()
     del za, ya, xa, seg_a
+    # Pedicles and laminae beside the canal lie level with their own body: seed them from the
+    # disc planes too (away from the planes), so the flood only decides the processes that
+    # overhang the next level (spinous and articular processes).
+    dyc = (np.arange(ny)[None, :, None] - canal["cy"][:, None, None]) * sp
+    ring = column & ~anterior & (np.abs(dx) < PEDICLE_BAND_MM) & (dyc < canal["rad"][:, None, None] * sp + 8.0)
+    del dyc
+    zp, yp, xp = np.nonzero(ring)
+    if zp.size and planes:
+        pts = np.stack([zp, yp, xp], axis=1).astype(float)
+        idx = np.zeros(zp.size, np.int32)
+        clear = np.ones(zp.size, bool)
+        for pnt, nrm in planes:
+            d = (pts - pnt) @ nrm * sp
+            idx += d > 0
+            clear &= np.abs(d) > PEDICLE_CLEARANCE_MM
+        markers[zp[clear], yp[clear], xp[clear]] = lut_seg[idx[clear]]
+    del zp, yp, xp, ring
 
     # --- whole vertebrae: watershed from the bodies over the column ----------------------------
     report(progress, 0.65, "builtin: posterior elements")
@@ -561,12 +639,19 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         del ind
     vert = np.zeros(hu.shape, np.uint8)
     vert[crop] = ws.astype(np.uint8)
-    bodies = np.where(anterior & column, markers, 0).astype(np.uint8)
+    bodies = np.where(anterior & column, body_markers, 0).astype(np.uint8)
+    if native_min >= 2.5 and COARSE_EDGE_HU is not None:
+        # Coarse scans: the outline is drawn only now, so disc finding saw the full column.
+        shell = (vert > 0) & ~ndi.binary_erosion(vert > 0)
+        drop = shell & (hu < COARSE_EDGE_HU)
+        vert[drop] = 0
+        bodies[drop] = 0
+        del shell, drop
     del ws, elev
 
     # --- anchors -----------------------------------------------------------------------------
     report(progress, 0.8, "builtin: naming levels")
-    _find_ribs(segs, vert, bodies, bone, box, dx, sp)
+    ribs = _find_ribs(segs, vert, bodies, bone, box, dx, sp)
     # Rib heads and necks inside the column box belong to the ribs: thoracic vertebrae are
     # narrower than the box (transverse processes end about 30 mm from the midline).
     ribbed = [i for i, sg in enumerate(segs) if sg.ribs > 0]
@@ -577,7 +662,16 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         adx = np.abs(dx)
         vert[is_thoracic[vert] & (adx > THORACIC_HALF_WIDTH_MM)] = 0
         bodies[is_thoracic[bodies] & (adx > THORACIC_BODY_HALF_WIDTH_MM)] = 0
-        del adx
+        # Follow each rib medially through the labelled bone beside the body and in front of
+        # the transverse processes (rib neck and head), and give that bone back to the rib.
+        dyc = (np.arange(ny)[None, :, None] - canal["cy"][:, None, None]) * sp
+        path = is_thoracic[vert] & (adx > RIB_HEAD_MIN_MM) & (dyc < 2.0)
+        grown = ribs & ~box
+        steps = int(np.ceil((ROI_LATERAL_MM - RIB_HEAD_MIN_MM) / sp)) + 2
+        grown = ndi.binary_dilation(grown, iterations=steps, mask=grown | path)
+        vert[grown & path] = 0
+        bodies[grown & path] = 0
+        del adx, dyc, path, grown
     sacrum_seg = _find_sacrum(segs, vert, dx, anterior)
     uncertain = False
     n = len(segs)
@@ -587,8 +681,6 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     if rib_idx and rib_idx[0] > (0 if sacrum_seg is None else 1):
         t12 = rib_idx[0]
     names: list[str]
-    import os
-    if os.environ.get("SB_DEBUG"): print("DEBUG segs", [(g.label, g.ribs) for g in segs], "sacrum", sacrum_seg, "discs", disc_bins)
     confidence = 0.95
     if sacrum_seg is not None and t12 is not None:
         names = _names_from(sacrum_seg, "sacrum", n)
@@ -633,6 +725,9 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         body_lut[segs[sacrum_seg].label] = lv.level_id("sacrum")
     bodies_native = _to_native(body_lut[bodies], grid, image)
     del vert, bodies
+    if sp / native_min >= 1.4:
+        report(progress, 0.95, "builtin: refining outlines")
+        vert_native, bodies_native = _refine_native(vert_native, bodies_native, image, sp)
 
     levels = _records(segs, vert_native, bodies_native, image, grid, confidence, uncertain)
     if len([r for r in levels if r.name != "sacrum"]) < max(1, min_levels):
@@ -646,7 +741,44 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         backend="builtin",
         labels_uncertain=uncertain,
         warnings=warnings,
+        provenance={
+            "method": "builtin: canal tracking, disc profile, marker watershed (no trained weights)",
+            "working_spacing_mm": sp,
+            "anchors": {"sacrum": sacrum_seg is not None, "last_rib_T12": t12 is not None,
+                        "rib_bearing_levels": [sg.name for sg in segs if sg.ribs > 0 and sg.name]},
+        },
     )
+
+
+def _refine_native(vert: np.ndarray, bodies: np.ndarray, image: Image, sp: float):
+    """Redraw the outlines on a finer native grid: nearest-neighbour labels from the working
+    grid are blocky by up to one working voxel. Within that shell a voxel is bone when its own
+    (lightly smoothed) HU says so; its label comes from the neighbouring labelled voxels."""
+    fg = vert > 0
+    if not fg.any():
+        return vert, bodies
+    native = np.asarray(image.spacing_zyx_mm, float)
+    k = np.maximum(1, np.round(1.5 * sp / native).astype(int))
+    box = ndi.find_objects(fg.astype(np.uint8))[0]
+    crop = tuple(slice(max(0, b.start - kk - 1), min(n, b.stop + kk + 1)) for b, kk, n in zip(box, k, vert.shape))
+    v = vert[crop]
+    b = bodies[crop]
+    hu = ndi.gaussian_filter(np.asarray(image.array[crop], np.float32), np.maximum(0.5, 0.4 / native))
+    fg = v > 0
+    struct = np.ones([2 * kk + 1 for kk in k], bool)
+    inner = ndi.binary_erosion(fg, structure=struct)
+    grown_v = ndi.grey_dilation(v, footprint=struct)
+    grown_b = ndi.grey_dilation(b, footprint=struct)
+    keep = inner | ((ndi.binary_dilation(fg, structure=struct) & ~inner) & (hu > NATIVE_EDGE_HU))
+    new_v = np.where(keep, np.where(fg, v, grown_v), 0).astype(np.uint8)
+    # Bodies: the same outline, but only where the whole-vertebra label agrees.
+    new_b = np.where(keep & (np.where(b > 0, b, grown_b) == new_v), np.where(b > 0, b, grown_b), 0)
+    new_b = np.where((b > 0) | (keep & ~fg), new_b, 0).astype(np.uint8)
+    vert = vert.copy()
+    bodies = bodies.copy()
+    vert[crop] = new_v
+    bodies[crop] = new_b
+    return vert, bodies
 
 
 def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
@@ -655,9 +787,10 @@ def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
     centre is nearest in height to that medial end (ribs slope down, so labels of the bone
     they touch are less reliable than the body level)."""
     outside = bone & ~box
+    ribs = np.zeros(vert.shape, bool)
     lab, n = ndi.label(outside)
     if n == 0:
-        return
+        return ribs
     sizes = np.bincount(lab.ravel(), minlength=n + 1) * sp ** 3
     objs = ndi.find_objects(lab)
     zb = np.nonzero(bodies.any(axis=(1, 2)))[0]
@@ -667,7 +800,7 @@ def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
         if zz.size:
             centre_z[sg.label] = float(zz.mean())
     if not centre_z or zb.size == 0:
-        return
+        return ribs
     # Rib roots: just outside the lateral walls of the box, beside labelled column bone.
     wall = np.broadcast_to((np.abs(dx) >= ROI_LATERAL_MM) & (np.abs(dx) < ROI_LATERAL_MM + 3.0 * sp), vert.shape)
     near_col = ndi.binary_dilation(vert > 0, iterations=max(1, int(round(4.0 / sp))), mask=wall | (vert > 0))
@@ -688,6 +821,8 @@ def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
         for sg in segs:
             if sg.label == label:
                 sg.ribs += 1
+        ribs[o] |= lab[o] == i + 1
+    return ribs
 
 
 def _find_sacrum(segs, vert, dx, anterior):
@@ -701,8 +836,6 @@ def _find_sacrum(segs, vert, dx, anterior):
         # canal wall; lumbar transverse processes are thin and sit behind that wall.
         lat = m & (np.abs(dx) > 25.0) & anterior
         scores.append(lat.sum() / max(1.0, m.sum()))
-    import os
-    if os.environ.get("SB_DEBUG"): print("DEBUG ala", np.round(scores, 3))
     # The sacrum has much more lateral-anterior bone than any lumbar vertebra. Sacral
     # segments (fused, with rudimentary discs) may be split: the highest sacral one counts.
     sac = [i for i, sc in enumerate(scores) if sc > ALA_FRACTION]
@@ -715,12 +848,11 @@ def _find_sacrum(segs, vert, dx, anterior):
 
 
 def _guess_names(segs, rib_idx, n):
-    """Best guess without anchors: ribs on every vertebra -> thoracic ending above T12; none ->
-    lumbar ending at L5 (a lumbar-only view usually ends near the sacrum)."""
-    if rib_idx and len(rib_idx) >= n // 2 + 1:
-        # Thoracic view: assume the lowest visible is the one above the last ribbed candidate.
-        top = _names_from(0, "T11", n)
-        return top
+    """Best guess without anchors (always flagged uncertain): rib-bearing vertebrae in view ->
+    the lowest one is taken as T12 (the most caudal a rib-bearing vertebra can be); none ->
+    the lowest is taken as L5 (a lumbar view usually reaches down towards the sacrum)."""
+    if rib_idx:
+        return _names_from(rib_idx[0], "T12", n)
     return _names_from(0, "L5", n)
 
 
