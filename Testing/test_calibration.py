@@ -87,8 +87,8 @@ def test_marrow_fat_biases_phantomless_density_low():
         cal = calibrate_phantomless(find_reference_tissues(ph.image, ph.vertebrae.array, ph.bodies.array))
         out[fat] = np.mean(list(level_errors(ph, cal).values()))
     # fat (-100 HU) replacing fat-free marrow (+33 HU) reads as missing mineral:
-    # expected bias = 0.3 * (fat_hu - muscle_hu) / slope at 70 keV
-    expected = 0.3 * (physics.tissue_hu("fat", 70) - physics.tissue_hu("muscle", 70)) / physics.mineral_hu_per_mg_cm3(70)
+    # expected bias = 0.3 * (fat_hu - marrow_base_hu) / slope at 70 keV
+    expected = 0.3 * (physics.tissue_hu("fat", 70) - physics.tissue_hu(physics.MARROW_BASE, 70)) / physics.mineral_hu_per_mg_cm3(70)
     assert abs(out[0.0]) < 3.0
     assert out[0.3] - out[0.0] == pytest.approx(expected, abs=4.0)
 

@@ -184,11 +184,13 @@ def abdomen():
     return ct, ref, body_ref, segment_builtin(ct)
 
 
-# The level this backend reaches on this CT (measured T12-L5: whole 0.75-0.82, bodies
-# 0.79-0.90, see `python -m spinekit.segmentation.bench`). The target is 0.85 per level;
-# the gap is real and stated, not hidden: raise these when the backend improves.
-REAL_WHOLE_DICE = 0.75
-REAL_BODY_DICE = 0.78
+# The level this backend reaches on this CT (measured T12-L5: whole 0.80-0.88, bodies
+# 0.80-0.90, see `python -m spinekit.segmentation.bench`). The target is 0.85 per level;
+# L2-L4 whole vertebrae reach it, T12, L1, L5 and the bodies do not yet: raise these when the
+# backend improves.
+REAL_WHOLE_DICE = 0.80
+REAL_BODY_DICE = 0.80
+REAL_TARGET_LEVELS = ("L2", "L3", "L4")   # whole-vertebra Dice >= 0.85 reached on these
 
 
 def test_real_ct_levels_named_like_totalsegmentator(abdomen):
@@ -211,6 +213,8 @@ def test_real_ct_dice_against_totalsegmentator(abdomen):
         db = _dice(res.bodies.array == vid, body_ref & (ref == vid))
         assert d >= REAL_WHOLE_DICE, f"{name} whole Dice {d:.3f}"
         assert db >= REAL_BODY_DICE, f"{name} body Dice {db:.3f}"
+        if name in REAL_TARGET_LEVELS:
+            assert d >= 0.85, f"{name} whole Dice {d:.3f}"
 
 
 def test_min_levels_is_enforced():

@@ -167,6 +167,9 @@ def test_real_native_ct_against_totalsegmentator():
         # ... and read the same HU as TotalSegmentator's masks (median, independent reference)
         assert res.hu["aorta"] == pytest.approx(np.median(a[ts == 52]), abs=6.0)
         assert res.hu["muscle"] == pytest.approx(np.median(a[np.isin(ts, [86, 87])]), abs=6.0)
+        # native IVC (TotalSegmentator 63) beside the liver of nearly the same HU
+        assert np.isin(ts[res.masks["ivc"]], [63]).mean() >= 0.6
+        assert res.hu["ivc"] == pytest.approx(np.median(a[ts == 63]), abs=6.0)
         assert -1030 < res.hu["air"] < -960 and -130 < res.hu["fat"] < -70
         assert detect_contrast_phase(res).detected == expected_phase == "native"
 
@@ -182,7 +185,9 @@ def test_real_contrast_ct_against_totalsegmentator():
     assert np.isin(ts[res.masks["muscle"]], [86, 87]).mean() >= 0.7
     assert res.hu["muscle"] == pytest.approx(np.median(a[np.isin(ts, [86, 87])]), abs=8.0)
     # contrast applied (DICOM tag) and an aorta near 150 HU: enhanced, not native
-    assert detect_contrast_phase(res).detected in ("portal-venous", "arterial")
+    phase = detect_contrast_phase(res, ct.metadata)
+    assert phase.detected in ("portal-venous", "arterial")
+    assert phase.features["contrast_bolus_agent"] == "APPLIED"
     assert res.hu["aorta"] > physics.tissue_hu("blood", 70) + 50
 
 

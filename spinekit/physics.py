@@ -33,10 +33,12 @@ MINERALS: dict[str, tuple[str, float]] = {
     "k2hpo4": ("K2HPO4", 2.44),  # dipotassium phosphate (Mindways rods)
 }
 
-# Fat-free (haematopoietic) marrow is modelled with the NIST skeletal-muscle composition and
-# density (1.04 g/cm³): cellular, protein-rich tissue near +35 HU; xraylib's "Tissue, Soft (ICRP)"
-# carries density 1.00 and would read ~ -12 HU. Marrow fat is ICRP adipose tissue.
-MARROW_BASE = "muscle"
+# The base in which mineral density is expressed is water, as in clinical QCT: calibration rods
+# are mineral in a water-equivalent base, and the ACR thresholds and normative tables are on that
+# scale. So "marrow fat 0 %" means a water-equivalent marrow, and real red marrow (~ +30 HU) or
+# marrow fat shift a measurement exactly as they shift phantom-calibrated QCT (fat: about
+# -10 mg/cm³ per 10 % at 70 keV). Marrow fat is ICRP adipose tissue.
+MARROW_BASE = "water"
 
 ENERGY_RANGE_KEV = (40.0, 140.0)
 

@@ -67,6 +67,7 @@ VESSEL_DISTANCE_PENALTY_PER_MM = 0.005
 VESSEL_SLAB_SCORE_RATIO = 0.5        # a slab joins the tube when its score is at least this x the best
 SEARCH_SPACING_MM = 2.0              # the search runs on voxels about this size (block means)
 MIN_VOLUME_MM3 = 500.0               # ... and at least this volume (a few slices of a vessel lumen)
+IVC_FIRST_LEVEL_ID = 18              # VerSe T11: above it the IVC has entered the heart
 MIN_VOXELS = 30                      # a tissue needs at least this many voxels
 
 
@@ -586,7 +587,17 @@ def _detect(arr: np.ndarray, vert, bod, spacing: tuple) -> tuple[dict[str, np.nd
     # IVC: round vessel anterior-right; on enhanced scans anywhere from unenhanced to aorta-bright
     excl2 = exclude | ndi.binary_dilation(aorta, structure=_disk(6.0, spacing[1:])[None])
     window = (SOFT_HU[0], IVC_ENHANCED_MAX_HU if enhanced else SOFT_HU[1])
-    best = _consistent_track(_find_vessel(smooth, arr, excl2, track, spacing, "right", window, noise), spacing)
+    ivc_track = track
+    lab = vert if vert is not None and np.any(vert) else bod
+    if lab is not None and np.any(lab):
+        # the IVC runs below the heart only: with level labels, search from T11 down
+        level = np.asarray(lab).reshape(lab.shape[0], -1).max(axis=1).astype(float)
+        level[level == 0] = np.nan
+        known = np.nonzero(np.isfinite(level))[0]
+        level = level[known[np.argmin(np.abs(np.arange(len(level))[:, None] - known[None, :]), axis=1)]]
+        xs_ivc = np.where(level >= IVC_FIRST_LEVEL_ID, xs, np.nan)  # (T13, L1-L6, sacrum ids are all larger)
+        ivc_track = (xs_ivc,) + tuple(track[1:])
+    best = _consistent_track(_find_vessel(smooth, arr, excl2, ivc_track, spacing, "right", window, noise), spacing)
     ivc = _vessel_mask(arr.shape, best, spacing) & ~excl2 if best else np.zeros(arr.shape, bool)
     keep("ivc", ivc)
     return masks, notes

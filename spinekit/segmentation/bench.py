@@ -131,6 +131,9 @@ def phantom_cases(quick: bool = False) -> list[dict]:
         dict(seed=1, noise_hu=5.0, densities_mg_cm3=dense),
         dict(seed=2, fractures={"L2": ("biconcave", 2)}, scoliosis_mm=-15.0),
         dict(spacing_mm=(0.8, 0.8, 2.5), noise_hu=20.0),
+        # Osteoporotic bodies where the phantom's 1 mm cortex is resolved / at 80 mg/cm3.
+        dict(spacing_mm=(1.0, 1.0, 1.0), densities_mg_cm3=osteo),
+        dict(densities_mg_cm3={n: 80.0 for n in osteo}),
     ]
     return cases
 

@@ -67,7 +67,7 @@ VESSEL_ERODE = 1         # in-plane erosion that cuts a vessel's contact with th
 VESSEL_MAX_AREA_MM2 = 700.0  # larger cross-sections are vessel merged with a body: kept
 PEDICLE_BAND_MM = 25.0   # pedicles / laminae: beside and just behind the canal
 PEDICLE_CLEARANCE_MM = 5.0  # ... seeded only this far from a disc plane
-BODY_CLOSING_MM = 4.0    # gaps in a body's cortical ring bridged before filling
+BODY_CLOSING_MM = 6.0    # gaps in a body's cortical ring bridged before filling
 THORACIC_HALF_WIDTH_MM = 30.0       # transverse process tips of T1-T12
 THORACIC_BODY_HALF_WIDTH_MM = 22.0  # thoracic bodies; rib heads sit just lateral
 RIB_HEAD_MIN_MM = 15.0              # rib heads articulate this far from the midline
@@ -507,6 +507,8 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     disk = np.zeros((1, 2 * r + 1, 2 * r + 1), bool)
     disk[0] = (np.add.outer(np.arange(-r, r + 1) ** 2, np.arange(-r, r + 1) ** 2) <= r * r)
     zone = anterior & box
+    if not zone.any():
+        raise InputError("no vertebral column found in the CT (no bone in front of the spinal canal).")
     zs_, ys_, xs_ = ndi.find_objects(zone.astype(np.uint8))[0]
     crop = (zs_, slice(max(0, ys_.start - r), ys_.stop + r), slice(max(0, xs_.start - r), xs_.stop + r))
     closed = ndi.binary_closing(column[crop] & zone[crop], structure=disk)
@@ -568,6 +570,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     disc_bins = _find_discs(prof[b0:b1], sp)
     disc_bins = [d + b0 for d in disc_bins]
     planes = []   # (point zyx in voxels, unit normal zyx)
+    arch_planes = []
     for d in disc_bins:
         s_d = s_lo + (d + 0.5) * sp
         zf = float(np.interp(s_d, s_z, np.arange(nz)))
@@ -575,6 +578,9 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         deg = TILTS_DEG[int(np.argmin(profiles[:, d]))]
         n_d = tilted(t_z[zi], deg)
         planes.append((np.array([zf, by[zi], bx[zi]]), n_d / np.linalg.norm(n_d)))
+        # Behind the body the untilted normal: a tilted disc plane (L5/S1) extended backwards
+        # would rise through the arch of the vertebra above.
+        arch_planes.append((np.array([zf, by[zi], bx[zi]]), t_z[zi] / np.linalg.norm(t_z[zi])))
 
     def segment_index(z, y, x):
         idx = np.zeros(z.size, np.int32)
@@ -613,7 +619,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         pts = np.stack([zp, yp, xp], axis=1).astype(float)
         idx = np.zeros(zp.size, np.int32)
         clear = np.ones(zp.size, bool)
-        for pnt, nrm in planes:
+        for pnt, nrm in arch_planes:
             d = (pts - pnt) @ nrm * sp
             idx += d > 0
             clear &= np.abs(d) > PEDICLE_CLEARANCE_MM
@@ -624,6 +630,8 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     report(progress, 0.65, "builtin: posterior elements")
     from skimage.segmentation import watershed
 
+    if not column.any():
+        raise InputError("no vertebral column found in the CT (no bone around the spinal canal).")
     zs, ys, xs = ndi.find_objects(column.astype(np.uint8))[0]
     zs = slice(max(0, zs.start - 1), min(nz, zs.stop + 1))
     crop = (zs, ys, xs)
