@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rod-concentrations", metavar="MG_CM3", type=float, nargs="+",
                    help="phantom calibration: mineral concentration of rod 1, 2, ... (mg/cm3)")
     p.add_argument("--rod-convention", choices=("mindways", "esp"), default="mindways")
+    p.add_argument("--rod-water", metavar="MG_CM3", type=float, nargs="+",
+                   help="phantom calibration: certified water density of rod 1, 2, ... (Mindways; default 1000)")
     p.add_argument("--phase", choices=("auto", "native", "arterial", "portal-venous"), default="auto",
                    help="contrast phase (default: detected from the aorta / IVC)")
     p.add_argument("--age", type=float, help="age in years (default: DICOM PatientAge)")
@@ -88,7 +90,7 @@ def run(args) -> int:
                          sex=args.sex.upper() if args.sex else None, mineral=args.mineral, roi_mode=args.roi,
                          calibration_table=args.calibration_table, rod_masks=rod_masks,
                          rod_concentrations_mg_cm3=args.rod_concentrations, rod_convention=args.rod_convention,
-                         statistic=args.statistic)
+                         rod_water_density_mg_cm3=args.rod_water, statistic=args.statistic)
     options.validate()
     seg = _segmentation(args, image, scaled(progress, 0.0, 0.5))
     result = run_bmd(image, seg, options, progress=scaled(progress, 0.5, 0.95))

@@ -54,6 +54,7 @@ class BMDOptions:
     rod_masks: Any = None                     # phantom: label array (rod k = k, 1-based) or list of bool arrays
     rod_concentrations_mg_cm3: Any = None     # phantom: concentration per rod, same order
     rod_convention: str = "mindways"          # phantom: mindways | esp
+    rod_water_density_mg_cm3: Any = None      # phantom: certified water density per rod (Mindways)
     statistic: str = "mean"                   # ROI statistic converted to vBMD: mean | median
 
     def validate(self) -> None:
@@ -143,19 +144,22 @@ def _check_ct(image: Image) -> None:
             raise InputError("the image has no negative voxel values, so it is not a CT in Hounsfield units.")
 
 
-def _rod_hu(image: Image, rod_masks, concentrations) -> list[float]:
-    conc = list(np.asarray(concentrations, float).ravel())
+def _rod_labels(image: Image, rod_masks, n_rods: int) -> np.ndarray:
+    """Rod label map (rod k = label k) on the CT grid from a label array/Image or a list of masks."""
     if isinstance(rod_masks, (list, tuple)):
-        masks = [np.asarray(m, bool) for m in rod_masks]
-    else:
-        lab = rod_masks.array if isinstance(rod_masks, Image) else np.asarray(rod_masks)
-        masks = [lab == k for k in range(1, len(conc) + 1)]
-    out = []
-    for k, m in enumerate(masks, start=1):
-        if m.shape != image.shape:
-            raise InputError(f"rod mask {k} is not on the CT grid ({m.shape} vs {image.shape}).")
-        out.append(float(image.array[m].mean()) if m.any() else float("nan"))
-    return out
+        labels = np.zeros(image.shape, np.int16)
+        for k, m in enumerate(rod_masks, start=1):
+            m = np.asarray(m, bool)
+            if m.shape != image.shape:
+                raise InputError(f"rod mask {k} is not on the CT grid ({m.shape} vs {image.shape}).")
+            labels[m] = k
+        return labels
+    labels = rod_masks.array if isinstance(rod_masks, Image) else np.asarray(rod_masks)
+    if labels.shape != image.shape:
+        raise InputError(f"the rod label map is not on the CT grid ({labels.shape} vs {image.shape}).")
+    if int(labels.max()) != n_rods:
+        raise InputError(f"the rod label map holds {int(labels.max())} rods but {n_rods} concentrations were given.")
+    return labels
 
 
 def _calibrate(image: Image, tissues, phase_used: str, options: BMDOptions):
@@ -165,9 +169,11 @@ def _calibrate(image: Image, tissues, phase_used: str, options: BMDOptions):
         return cal.calibrate_phantomless(tissues, phase=phase_used, mineral=options.mineral)
     if options.calibration == "asynchronous":
         return cal.calibrate_asynchronous(image.metadata, table=options.calibration_table, mineral=options.mineral)
-    rod_hu = _rod_hu(image, options.rod_masks, options.rod_concentrations_mg_cm3)
-    return cal.calibrate_phantom(rod_hu, options.rod_concentrations_mg_cm3, convention=options.rod_convention,
-                                 mineral=options.mineral)
+    concentrations = list(np.asarray(options.rod_concentrations_mg_cm3, float).ravel())
+    rod_labels = _rod_labels(image, options.rod_masks, len(concentrations))
+    rod_hu = cal.rod_hu_from_labels(image.array, rod_labels)  # eroded against rod-edge partial volume
+    return cal.calibrate_phantom(rod_hu, concentrations, convention=options.rod_convention,
+                                 mineral=options.mineral, rod_water_density_mg_cm3=options.rod_water_density_mg_cm3)
 
 
 def _segment(image: Image, progress: Optional[Progress]):
