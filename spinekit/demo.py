@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .errors import InputError
+from .outputs import staged
 from .progress import scaled, terminal
 
 log = logging.getLogger(__name__)
@@ -106,13 +107,10 @@ def _compare_with_truth(result, truth: dict) -> list[dict]:
 
 
 def _write_comparison(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(".tmp-" + path.name)
-    with tmp.open("w", newline="") as fh:
+    with staged({"csv": path}) as tmp, tmp["csv"].open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["level"])
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)
 
 
 def _print_comparison(rows: list[dict], summary: dict) -> None:

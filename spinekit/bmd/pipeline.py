@@ -413,6 +413,7 @@ def write_bmd_outputs(result: BMDResult, image: Image, out_dir, *, segmentation_
     never leaves a good earlier result half-overwritten.
     """
     from ..image import write_image
+    from ..outputs import staged
     from ..report.html import render_bmd_report
 
     out_dir = Path(out_dir)
@@ -428,8 +429,7 @@ def write_bmd_outputs(result: BMDResult, image: Image, out_dir, *, segmentation_
             "bodies": out_dir / "vertebral_bodies.nii.gz",
             "roi": out_dir / "trabecular_roi.nii.gz",
         })
-    tmp = {k: p.with_name(".tmp-" + p.name) for k, p in targets.items()}
-    try:
+    with staged(targets) as tmp:
         result.levels_table().to_csv(tmp["levels"], index=False)
         tmp["summary"].write_text(json.dumps(result.summary, indent=2, default=_json_default))
         tmp["report"].write_text(render_bmd_report(result, image), encoding="utf-8")
@@ -438,10 +438,4 @@ def write_bmd_outputs(result: BMDResult, image: Image, out_dir, *, segmentation_
             write_image(image.with_array(np.asarray(seg.vertebrae.array, np.uint8)), tmp["vertebrae"])
             write_image(image.with_array(np.asarray(seg.bodies.array, np.uint8)), tmp["bodies"])
             write_image(image.with_array(result.roi_labels.astype(np.uint8)), tmp["roi"])
-    except BaseException:
-        for p in tmp.values():
-            p.unlink(missing_ok=True)
-        raise
-    for k in targets:
-        tmp[k].replace(targets[k])
     return targets

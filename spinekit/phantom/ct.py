@@ -28,8 +28,6 @@ apparent density recover the true density.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -40,6 +38,7 @@ from scipy import ndimage
 from .. import physics
 from ..errors import InputError
 from ..image import Image, write_image
+from ..outputs import staged
 from ..levels import VERSE_IDS
 from ..progress import Progress, report
 from ._bone import (FRACTURE_TYPES, GENANT_LOSS, paint_canal, paint_disc, paint_pelvis, paint_rib, paint_sacrum,
@@ -135,24 +134,12 @@ class CTPhantom:
             raise InputError(f"{out}: the phantom output folder is an existing file.")
         out.mkdir(parents=True, exist_ok=True)
         items = {"ct": self.image, "vertebrae": self.vertebrae, "bodies": self.bodies, "tissues": self.tissues}
-        final: dict[str, Path] = {}
-        tmp: dict[str, Path] = {}
-        try:
+        final = {key: out / f"{key}.nii.gz" for key in items}
+        final["truth"] = out / "truth.json"
+        with staged(final) as tmp:
             for key, img in items.items():
-                tmp[key] = write_image(img, out / f".{key}.tmp.nii.gz")
-                final[key] = out / f"{key}.nii.gz"
-            fd, name = tempfile.mkstemp(prefix=".truth.", suffix=".tmp", dir=out)
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.truth, fh, indent=2)
-            os.chmod(name, 0o644)
-            tmp["truth"] = Path(name)
-            final["truth"] = out / "truth.json"
-            for key in tmp:
-                os.replace(tmp[key], final[key])
-        finally:
-            for p in tmp.values():
-                if p.exists():
-                    p.unlink()
+                write_image(img, tmp[key])
+            tmp["truth"].write_text(json.dumps(self.truth, indent=2))
         return final
 
 

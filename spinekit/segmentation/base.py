@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import levels as lv
 from ..image import Image, write_image
+from ..outputs import staged
 from ..progress import Progress
 
 
@@ -136,10 +137,8 @@ def write_segmentation(result: SegmentationResult, out_dir: str | Path) -> dict[
         "bodies": out_dir / "vertebral_bodies.nii.gz",
         "levels": out_dir / "levels.json",
     }
-    tmp = {k: p.with_name(".tmp-" + p.name) for k, p in targets.items()}
-    write_image(result.vertebrae.with_array(result.vertebrae.array.astype(np.uint8)), tmp["vertebrae"])
-    write_image(result.bodies.with_array(result.bodies.array.astype(np.uint8)), tmp["bodies"])
-    tmp["levels"].write_text(json.dumps(result.to_json(), indent=2))
-    for k in targets:
-        tmp[k].replace(targets[k])
+    with staged(targets) as tmp:
+        write_image(result.vertebrae.with_array(result.vertebrae.array.astype(np.uint8)), tmp["vertebrae"])
+        write_image(result.bodies.with_array(result.bodies.array.astype(np.uint8)), tmp["bodies"])
+        tmp["levels"].write_text(json.dumps(result.to_json(), indent=2))
     return targets
