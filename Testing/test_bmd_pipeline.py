@@ -69,6 +69,15 @@ def test_phantom_summary_pair_and_category(phantom_run):
     assert s["calibration"]["mode"] == "phantomless"
     assert abs(s["calibration"]["effective_kev"] - ph.truth["scanner"]["effective_kev"]) < 5
     assert s["contrast_phase"] == {**s["contrast_phase"], "detected": "native", "used": "native", "corrected": False}
+    # the reference tissues behind the calibration: right HU (noise 10 HU, thousands of voxels)
+    # and QC masks on the CT grid inside the right phantom structures
+    ids = ph.truth["tissue_ids"]
+    for name, tid in {"air": "air", "fat": "subcutaneous_fat", "muscle": "paraspinal_muscle", "aorta": "aorta",
+                      "ivc": "ivc"}.items():
+        assert res.tissues.hu[name] == pytest.approx(ph.truth["tissue_hu"][name], abs=2.0), name
+        mask = res.tissues.masks[name]
+        assert mask.shape == ph.image.shape
+        assert (ph.tissues.array[mask] == ids[tid]).mean() >= (0.95 if name != "muscle" else 0.75), name
 
 
 def test_outputs_written(phantom_run, tmp_path):
@@ -76,8 +85,15 @@ def test_outputs_written(phantom_run, tmp_path):
     files = write_bmd_outputs(res, ph.image, tmp_path)
     df = pd.read_csv(files["levels"])
     assert list(df.columns) == LEVELS_COLUMNS and len(df) == len(DENSITIES)
+    # the file holds the result's numbers, and they are the phantom's densities (L1: metal)
+    for row in df.itertuples():
+        assert row.vbmd_mg_cm3 == pytest.approx(res.level(row.level).vbmd_mg_cm3, abs=0.05), row.level
+        if row.level != "L1":
+            assert abs(row.vbmd_mg_cm3 - DENSITIES[row.level]) < VBMD_TOL_MG_CM3, row.level
     summary = json.loads(files["summary"].read_text())
     assert set(SUMMARY_KEYS) <= set(summary)
+    assert summary["vbmd_l1_l2"] == pytest.approx(res.summary["vbmd_l1_l2"], abs=0.05)
+    assert summary["levels_used"] == ["L2", "L3"] and summary["category"] == "osteopenia"
     html = files["report"].read_text()
     assert "DIGITAL PHANTOM" in html                           # metadata["phantom"] is true
     assert html.count("data:image/png;base64,") == 2 and "src=\"http" not in html
@@ -132,7 +148,8 @@ def test_no_lumbar_level_keeps_rows(tmp_path):
     assert s["vbmd_l1_l2"] is None and s["category"] is None and s["levels_used"] == []
     assert any("No lumbar vertebra" in w for w in s["warnings"])
     assert [r.level for r in res.levels] == ["T10", "T11", "T12"]
-    assert all(r.vbmd_mg_cm3 is not None for r in res.levels)
+    for r in res.levels:  # rows still carry a calibrated value, close to the phantom's density
+        assert abs(r.vbmd_mg_cm3 - ph.truth["levels"][r.level]["density_mg_cm3"]) < VBMD_TOL_MG_CM3, r
     files = write_bmd_outputs(res, ph.image, tmp_path, segmentation_files=False)
     assert json.loads(files["summary"].read_text())["vbmd_l1_l2"] is None
 
@@ -167,9 +184,10 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_end_to_end_on_written_phantom(tmp_path):
+    truth = {"T12": 150.0, "L1": 140.0, "L2": 150.0}
     ph = generate_ct_phantom(CTPhantomConfig(first_level="T12", last_level="L2", spacing_mm=(2.0, 2.0, 2.0),
-                                             densities_mg_cm3={"T12": 150.0, "L1": 140.0, "L2": 150.0},
-                                             include_ribs=False, include_sacrum=False, seed=3))
+                                             densities_mg_cm3=truth, include_ribs=False, include_sacrum=False,
+                                             seed=3))
     files = ph.write(tmp_path / "ph")
     out = tmp_path / "out"
     cp = _cli(str(files["ct"]), "--out", str(out), "--segmentation", str(files["vertebrae"]),
@@ -178,8 +196,11 @@ def test_cli_end_to_end_on_written_phantom(tmp_path):
     assert "L1-L2 vBMD" in cp.stdout and "normal" in cp.stdout           # truth 145 mg/cm3
     df = pd.read_csv(out / "levels.csv")
     assert list(df.columns) == LEVELS_COLUMNS and list(df.level) == ["T12", "L1", "L2"]
+    for row in df.itertuples():
+        assert abs(row.vbmd_mg_cm3 - truth[row.level]) < VBMD_TOL_MG_CM3, row.level
     s = json.loads((out / "summary.json").read_text())
     assert set(SUMMARY_KEYS) <= set(s) and s["category"] == "normal" and s["levels_used"] == ["L1", "L2"]
+    assert abs(s["vbmd_l1_l2"] - 145.0) < VBMD_TOL_MG_CM3
     assert (out / "report.html").stat().st_size > 10_000
 
 

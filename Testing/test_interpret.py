@@ -54,9 +54,14 @@ def test_scores_against_the_table():
         b2 = rows[(rows.sex == sex) & (rows.age_low == 55)].iloc[0]
         age, _ = ip.bmd_age(float((b1.mean_mg_cm3 + b2.mean_mg_cm3) / 2), sex)
         assert age == pytest.approx(55.0, abs=1e-6)
-        # outside the table: clipped, with a note
-        assert ip.bmd_age(peak + 50, sex)[1] is not None
-        assert ip.bmd_age(1.0, sex)[1] is not None
+        # outside the table: clipped to the oldest band still at the peak / the oldest band's
+        # midpoint, with a note
+        at_peak = rows[(rows.sex == sex) & (rows.mean_mg_cm3 == peak)].sort_values("age_low").iloc[-1]
+        oldest = rows[rows.sex == sex].sort_values("age_low").iloc[-1]
+        age, note = ip.bmd_age(peak + 50, sex)
+        assert note is not None and age == pytest.approx((at_peak.age_low + at_peak.age_high + 1) / 2)
+        age, note = ip.bmd_age(1.0, sex)
+        assert note is not None and age == pytest.approx((oldest.age_low + oldest.age_high + 1) / 2)
 
 
 def test_published_anchors_in_the_table():

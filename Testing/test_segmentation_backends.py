@@ -549,7 +549,7 @@ def test_bundle_network_def_cannot_run_code(tmp_path, spine):
 
 # --- command line -----------------------------------------------------------------------------
 def test_cli_segment_writes_outputs(tmp_path, spine, capsys):
-    grid, vert, _, _ = spine
+    grid, vert, body, _ = spine
     write_image(ct_from(grid, vert), tmp_path / "ct.nii.gz")
     write_image(grid.with_array(foreign(vert, "totalspineseg").astype(np.uint8)), tmp_path / "tss.nii.gz")
     out = tmp_path / "out"
@@ -561,6 +561,9 @@ def test_cli_segment_writes_outputs(tmp_path, spine, capsys):
     np.testing.assert_array_equal(read_image(out / "vertebrae.nii.gz").array, vert)
     bodies = read_image(out / "vertebral_bodies.nii.gz").array
     assert set(np.unique(bodies)) == set(np.unique(vert))
+    for name in LEVELS:  # the written bodies are the sample's true bodies (as in the in-memory test)
+        vid = lv.level_id(name)
+        assert dice(bodies == vid, body == vid) > 0.93, name
     levels = json.loads((out / "levels.json").read_text())
     assert list(levels["levels"]) == list(LEVELS)
     assert levels["levels"]["L1"]["verse_id"] == 20 and levels["levels"]["L1"]["complete"] is True

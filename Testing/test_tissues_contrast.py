@@ -28,7 +28,10 @@ BASE = dict(first_level="T12", last_level="L2", include_sacrum=False, include_ri
 TRUTH_ID = {"air": "air", "fat": "subcutaneous_fat", "muscle": "paraspinal_muscle", "aorta": "aorta", "ivc": "ivc"}
 
 
-def _phantom(phase="native", kev=70.0, noise=15.0, spacing=2.5, seed=0, **kw):
+NOISE_HU = 15.0
+
+
+def _phantom(phase="native", kev=70.0, noise=NOISE_HU, spacing=2.5, seed=0, **kw):
     return generate_ct_phantom(CTPhantomConfig(**BASE, spacing_mm=(spacing,) * 3, effective_kev=kev, noise_hu=noise,
                                                contrast_phase=phase, seed=seed, **kw))
 
@@ -51,7 +54,41 @@ def test_tissues_found_in_the_right_place_with_the_right_hu(phantoms, phase):
         assert (ph.tissues.array[mask] == ids[tid]).mean() >= (0.95 if name != "muscle" else 0.75), name
         # noise 15 HU, thousands of voxels: a couple of HU at most (partial volume excluded)
         assert res.hu[name] == pytest.approx(truth[name], abs=2.0), name
-        assert 8.0 < res.sd_hu[name] < 25.0 or name == "air"
+        # the robust SD recovers the phantom's noise (15 HU): thousands of voxels pin it within
+        # a few %; 10 % leaves room for the 5-95 % trimming. Air is clipped at -1024 HU, so its
+        # noise is not Gaussian and it is left out.
+        if name != "air":
+            assert res.sd_hu[name] == pytest.approx(NOISE_HU, rel=0.10), name
+
+
+def test_fine_voxels_are_searched_on_a_coarse_grid_and_measured_on_all_voxels():
+    """1 mm voxels: the search subsamples (~3 mm) inside find_reference_tissues; the HU must still
+    match the truth as closely as a full-resolution search (noise 15 HU, >5000 voxels per
+    vessel: the mean is pinned to a few tenths of a HU, so 1 HU is a real bound), and the QC
+    masks come back on the caller's grid, inside the right structures."""
+    ph = generate_ct_phantom(CTPhantomConfig(**BASE, spacing_mm=(1.0, 1.0, 1.25), effective_kev=65.0,
+                                             noise_hu=NOISE_HU, contrast_phase="arterial", seed=7))
+    res = find_reference_tissues(ph.image, ph.vertebrae.array, ph.bodies.array)
+    assert res.missing == []
+    ids = ph.truth["tissue_ids"]
+    for name, tid in TRUTH_ID.items():
+        mask = res.masks[name]
+        assert mask.shape == ph.image.shape and mask.dtype == bool
+        assert (ph.tissues.array[mask] == ids[tid]).mean() >= (0.95 if name != "muscle" else 0.75), name
+        assert res.hu[name] == pytest.approx(ph.truth["tissue_hu"][name], abs=1.0), name
+    assert detect_contrast_phase(res).detected == "arterial"
+    # stored RAS-style (x and y reversed): the subsampled search is re-oriented, and its masks
+    # come back on this grid, on the same structures
+    img = ph.image
+    flipped = Image(img.array[:, ::-1, ::-1].copy(), img.spacing_mm,
+                    origin_mm=tuple(img.index_to_physical(np.array([[0, img.shape[1] - 1, img.shape[2] - 1]]))[0]),
+                    direction=img.direction @ np.diag([-1.0, -1.0, 1.0]))
+    res = find_reference_tissues(flipped, ph.vertebrae.array[:, ::-1, ::-1], ph.bodies.array[:, ::-1, ::-1])
+    tis = ph.tissues.array[:, ::-1, ::-1]
+    for name in ("aorta", "ivc", "muscle"):
+        assert res.masks[name].shape == img.shape
+        assert (tis[res.masks[name]] == ids[TRUTH_ID[name]]).mean() >= (0.95 if name != "muscle" else 0.75), name
+        assert res.hu[name] == pytest.approx(ph.truth["tissue_hu"][name], abs=1.0), name
 
 
 def test_tissues_without_labels_and_reoriented(phantoms):
@@ -164,12 +201,14 @@ def test_real_native_ct_against_totalsegmentator():
         # the automatic regions lie inside TotalSegmentator's structures ...
         assert np.isin(ts[res.masks["aorta"]], [52]).mean() >= 0.6
         assert np.isin(ts[res.masks["muscle"]], [86, 87]).mean() >= 0.8
-        # ... and read the same HU as TotalSegmentator's masks (median, independent reference)
-        assert res.hu["aorta"] == pytest.approx(np.median(a[ts == 52]), abs=6.0)
-        assert res.hu["muscle"] == pytest.approx(np.median(a[np.isin(ts, [86, 87])]), abs=6.0)
+        # ... and read the same HU as TotalSegmentator's masks (median, independent reference).
+        # Measured: aorta -1.6, muscle +0.6..0.8, IVC +2.2..2.3 HU off; TS's masks reach into the
+        # vessel wall / fascia (partial volume) where ours are eroded, so a few HU stay allowed.
+        assert res.hu["aorta"] == pytest.approx(np.median(a[ts == 52]), abs=4.0)
+        assert res.hu["muscle"] == pytest.approx(np.median(a[np.isin(ts, [86, 87])]), abs=3.0)
         # native IVC (TotalSegmentator 63) beside the liver of nearly the same HU
         assert np.isin(ts[res.masks["ivc"]], [63]).mean() >= 0.6
-        assert res.hu["ivc"] == pytest.approx(np.median(a[ts == 63]), abs=6.0)
+        assert res.hu["ivc"] == pytest.approx(np.median(a[ts == 63]), abs=4.0)
         assert -1030 < res.hu["air"] < -960 and -130 < res.hu["fat"] < -70
         assert detect_contrast_phase(res).detected == expected_phase == "native"
 
@@ -178,17 +217,32 @@ def test_real_contrast_ct_against_totalsegmentator():
     ct = read_image(shared_data_path("ct_dicom_2mm", "dicom"))
     ts = _ts_on_grid(ct, shared_data_path("ct_dicom_2mm", "ts_total.nii.gz"))
     vert = to_verse(np.where((ts >= 25) & (ts <= 50), ts, 0), "totalsegmentator_total")
-    res = find_reference_tissues(ct, vertebrae=vert)
     a = ct.array.astype(float)
-    assert np.isin(ts[res.masks["aorta"]], [52]).mean() >= 0.9
-    assert res.hu["aorta"] == pytest.approx(np.median(a[ts == 52]), abs=8.0)
-    assert np.isin(ts[res.masks["muscle"]], [86, 87]).mean() >= 0.7
-    assert res.hu["muscle"] == pytest.approx(np.median(a[np.isin(ts, [86, 87])]), abs=8.0)
-    # contrast applied (DICOM tag) and an aorta near 150 HU: enhanced, not native
-    phase = detect_contrast_phase(res, ct.metadata)
-    assert phase.detected in ("portal-venous", "arterial")
-    assert phase.features["contrast_bolus_agent"] == "APPLIED"
-    assert res.hu["aorta"] > physics.tissue_hu("blood", 70) + 50
+    # 0.98 mm voxels: the search runs on every 3rd voxel in-plane, the HU on all voxels found
+    for labels in (vert, None):
+        res = find_reference_tissues(ct, vertebrae=labels)
+        assert np.isin(ts[res.masks["aorta"]], [52]).mean() >= 0.9
+        # measured +0.7..0.9 HU (the enhanced lumen is homogeneous; TS's mask adds its wall)
+        assert res.hu["aorta"] == pytest.approx(np.median(a[ts == 52]), abs=3.0)
+        # measured +5.0 (labels) / +5.7 HU (none): a tenth of our region is liver (bare area,
+        # ~65 HU enhanced) or unlabelled muscle; TS's autochthon median is 30 HU
+        assert np.isin(ts[res.masks["muscle"]], [86, 87]).mean() >= 0.8
+        assert res.hu["muscle"] == pytest.approx(np.median(a[np.isin(ts, [86, 87])]), abs=7.0)
+        # contrast applied (DICOM tag) and an aorta near 150 HU: enhanced, not native
+        phase = detect_contrast_phase(res, ct.metadata)
+        assert phase.detected in ("portal-venous", "arterial")
+        assert phase.features["contrast_bolus_agent"] == "APPLIED"
+        assert res.hu["aorta"] > physics.tissue_hu("blood", 70) + 50
+
+
+@pytest.mark.xfail(strict=True, reason="known weakness: on the enhanced DICOM the IVC search picks a "
+                   "structure beside the IVC (13 % of its mask inside TotalSegmentator's IVC)")
+def test_real_contrast_ct_ivc_against_totalsegmentator():
+    ct = read_image(shared_data_path("ct_dicom_2mm", "dicom"))
+    ts = _ts_on_grid(ct, shared_data_path("ct_dicom_2mm", "ts_total.nii.gz"))
+    vert = to_verse(np.where((ts >= 25) & (ts <= 50), ts, 0), "totalsegmentator_total")
+    res = find_reference_tissues(ct, vertebrae=vert)
+    assert np.isin(ts[res.masks["ivc"]], [63]).mean() >= 0.6
 
 
 def test_thoracic_aorta_beside_the_spine_not_the_heart():
