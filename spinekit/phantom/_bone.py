@@ -90,8 +90,9 @@ def paint_canal(mat, grid, fr, d):
 
 # --- vertebra --------------------------------------------------------------------------------
 def paint_vertebra(mat, M, vertebrae, bodies, grid, fr, d, above, vid, fracture, trab_hu,
-                   cortical_hu, metal=False, vein_material=None) -> dict:
-    """Body (elliptic cylinder, 1 mm cortex and endplates, fracture profile) + posterior elements."""
+                   cortical_hu, metal=False, vein_material=None, truth=True) -> dict:
+    """Body (elliptic cylinder, 1 mm cortex and endplates, fracture profile) + posterior elements.
+    truth=False skips the analytic volume / centroid (sub-sample grids of the partial volume)."""
     a, b, H = d.body_width_mm / 2, d.body_depth_mm / 2, d.body_height_mm
     vc, ca, cb = canal_geom(d)
     lam = d.lamina_mm
@@ -108,51 +109,102 @@ def paint_vertebra(mat, M, vertebrae, bodies, grid, fr, d, above, vid, fracture,
     whi = H / 2 + disc_above / 2 + 4
     sl = grid.bbox(box_corners(fr, (-umax, umax), (-b - 3, vmax), (wlo, whi)))
     hfun, heights = body_heights(d, fracture)
-    # Analytic body volume: integral of H over the elliptic cross-section (fine 2D grid).
-    gu, gv = np.meshgrid(np.linspace(-a, a, 401), np.linspace(-b, b, 401), indexing="ij")
-    r2g = (gu / a) ** 2 + (gv / b) ** 2
-    hg = np.broadcast_to(hfun(gu, gv, r2g), gu.shape)
-    inside = r2g <= 1
-    volume = float(np.sum(hg[inside]) * (gu[1, 0] - gu[0, 0]) * (gv[0, 1] - gv[0, 0]))
-    # Endplates collapse symmetrically about w = 0, so the centroid only moves along v.
-    v_centroid = float(np.sum((hg * gv)[inside]) / np.sum(hg[inside]))
-    out = {"heights": heights, "normal_heights": body_heights(d, None)[1], "volume_mm3": volume,
-           "centroid_world": fr.to_world(0.0, v_centroid, 0.0), "bbox": sl}
+    out = {"heights": heights, "normal_heights": body_heights(d, None)[1], "bbox": sl}
+    if truth:
+        # Analytic body volume: integral of H over the elliptic cross-section (fine 2D grid).
+        gu, gv = np.meshgrid(np.linspace(-a, a, 401), np.linspace(-b, b, 401), indexing="ij")
+        r2g = (gu / a) ** 2 + (gv / b) ** 2
+        hg = np.broadcast_to(hfun(gu, gv, r2g), gu.shape)
+        inside = r2g <= 1
+        volume = float(np.sum(hg[inside]) * (gu[1, 0] - gu[0, 0]) * (gv[0, 1] - gv[0, 0]))
+        # Endplates collapse symmetrically about w = 0, so the centroid only moves along v.
+        v_centroid = float(np.sum((hg * gv)[inside]) / np.sum(hg[inside]))
+        out.update(volume_mm3=volume, centroid_world=fr.to_world(0.0, v_centroid, 0.0))
     if sl is None:
         return out
-    u, v, w = local_coords(grid, fr, sl)
-    au = np.abs(u)
-    r2 = (u / a) ** 2 + (v / b) ** 2
-    Hh = hfun(u, v, r2) / 2
-    body = (r2 <= 1) & (np.abs(w) <= Hh)
-    shell = (((u / (a - CORTEX_MM)) ** 2 + (v / (b - CORTEX_MM)) ** 2) > 1) | (np.abs(w) > Hh - ENDPLATE_MM)
-    canal = (u / ca) ** 2 + ((v - vc) / cb) ** 2 <= 1
-    ped = (((au - u0) / (d.pedicle_width_mm / 2)) ** 2 + ((w - w_ped) / (d.pedicle_height_mm / 2)) ** 2 <= 1) \
-        & (v >= b - 4) & (v <= vc + 0.25 * cb)
-    lamina = ((u / (ca + lam)) ** 2 + ((v - vc) / (cb + lam)) ** 2 <= 1) & ~canal & (v >= vc) \
-        & (np.abs(w + 0.05 * H) <= 0.45 * H)
-    ap_r2 = ((au - u0) / (d.pedicle_width_mm / 2 + 1)) ** 2
-    sup_ap = (ap_r2 + ((v - vc) / 3.5) ** 2 <= 1) & (w >= w_ped) & (w <= H / 2 + disc_above / 2 + 2)
-    inf_ap = (ap_r2 + ((v - vc - 8) / 3.5) ** 2 <= 1) & (w <= w_ped) & (w >= -(H / 2 + d.disc_below_mm / 2 + 2))
-    tp_v = vc + (au - u0) * np.float32(np.tan(np.radians(d.tp_posterior_deg)))
-    tp = (((v - tp_v) / d.tp_half_ap_mm) ** 2 + ((w - w_ped) / d.tp_half_height_mm) ** 2 <= 1) \
-        & (au >= u0) & (au <= d.tp_tip_mm)
-    sp_w = -0.05 * H - (v - sp_v0) * np.float32(np.tan(np.radians(d.sp_down_deg)))
-    sp = (v >= sp_v0) & (v <= sp_v0 + sp_dv) & (np.abs(w - sp_w) <= d.sp_half_height_mm) \
-        & (au <= d.sp_half_width_mm)
-    pe = (ped | lamina | sup_ap | inf_ap | tp | sp) & ~body & ~canal
-    pe_cortex = cortex(pe, grid.spacing_zyx)
-    vert = body | pe
-    m_s, v_s, b_s = mat[sl], vertebrae[sl], bodies[sl]
     m_trab, m_cort = M(T["vertebra"], trab_hu), M(T["vertebra"], cortical_hu)
-    v_s[vert] = vid
-    b_s[body] = vid
-    m_s[vert] = m_trab
-    m_s[pe_cortex | (body & shell)] = m_cort
-    if vein_material is not None:  # basivertebral vein: 6x8 mm channel entering the posterior body wall
-        vein = body & ((u / 3.0) ** 2 + ((v - b + 4.0) / 4.0) ** 2 <= 1) & (np.abs(w) <= 0.3 * H)
-        m_s[vein] = vein_material
+    # Each part is evaluated only inside its own box (speed: the sub-sample grids of the partial
+    # volume are dense). Posterior elements first, then the body overwrites their overlap.
+    pw, ph = d.pedicle_width_mm / 2, d.pedicle_height_mm / 2
+    w_sup, w_inf = H / 2 + disc_above / 2 + 2, -(H / 2 + d.disc_below_mm / 2 + 2)
+    pe_sl = _sub(grid, fr, sl, (-umax, umax), (b - 4, vmax), (wlo, whi))
+    if pe_sl is not None:
+        u, v, w = local_coords(grid, fr, pe_sl)
+        shape = np.broadcast_shapes(u.shape, v.shape, w.shape)
+        pe = np.zeros(shape, bool)
+
+        def part(ur, vr, wr):
+            """Views (local u, v, w and the pe mask) of a sub-box of the posterior-element box."""
+            g = _sub(grid, fr, pe_sl, ur, vr, wr)
+            if g is None:
+                return None
+            r = tuple(slice(gs.start - ps.start, gs.stop - ps.start) for gs, ps in zip(g, pe_sl))
+            return u[r], v[r], w[r], pe[r]
+
+        tan_tp = np.float32(np.tan(np.radians(d.tp_posterior_deg)))
+        tan_sp = np.float32(np.tan(np.radians(d.sp_down_deg)))
+        q = part((-u0 - pw, u0 + pw), (b - 4, vc + 0.25 * cb), (w_ped - ph, w_ped + ph))
+        if q is not None:  # pedicles
+            pu, pv, pw_, m = q
+            m |= (((np.abs(pu) - u0) / pw) ** 2 + ((pw_ - w_ped) / ph) ** 2 <= 1) & (pv >= b - 4) \
+                & (pv <= vc + 0.25 * cb)
+        q = part((-ca - lam, ca + lam), (vc, vc + cb + lam), (-0.5 * H, 0.4 * H))
+        if q is not None:  # laminae (canal removed below)
+            pu, pv, pw_, m = q
+            m |= ((pu / (ca + lam)) ** 2 + ((pv - vc) / (cb + lam)) ** 2 <= 1) & (pv >= vc) \
+                & (np.abs(pw_ + 0.05 * H) <= 0.45 * H)
+        for vcen, wr in ((vc, (w_ped, w_sup)), (vc + 8, (w_inf, w_ped))):  # articular processes
+            q = part((-u0 - pw - 1, u0 + pw + 1), (vcen - 3.5, vcen + 3.5), wr)
+            if q is not None:
+                pu, pv, pw_, m = q
+                m |= (((np.abs(pu) - u0) / (pw + 1)) ** 2 + ((pv - vcen) / 3.5) ** 2 <= 1) \
+                    & (pw_ >= wr[0]) & (pw_ <= wr[1])
+        for sgn in (-1.0, 1.0):  # transverse processes
+            ur = (u0, d.tp_tip_mm) if sgn > 0 else (-d.tp_tip_mm, -u0)
+            q = part(ur, (vc - d.tp_half_ap_mm, vc + tp_dv + d.tp_half_ap_mm),
+                     (w_ped - d.tp_half_height_mm, w_ped + d.tp_half_height_mm))
+            if q is not None:
+                pu, pv, pw_, m = q
+                au = pu * sgn
+                tp_v = vc + (au - u0) * tan_tp
+                m |= (((pv - tp_v) / d.tp_half_ap_mm) ** 2 + ((pw_ - w_ped) / d.tp_half_height_mm) ** 2 <= 1) \
+                    & (au >= u0) & (au <= d.tp_tip_mm)
+        q = part((-d.sp_half_width_mm, d.sp_half_width_mm), (sp_v0, sp_v0 + sp_dv),
+                 (-0.05 * H - sp_dw - d.sp_half_height_mm, -0.05 * H + d.sp_half_height_mm))
+        if q is not None:  # spinous process
+            pu, pv, pw_, m = q
+            sp_w = -0.05 * H - (pv - sp_v0) * tan_sp
+            m |= (pv >= sp_v0) & (pv <= sp_v0 + sp_dv) & (np.abs(pw_ - sp_w) <= d.sp_half_height_mm) \
+                & (np.abs(pu) <= d.sp_half_width_mm)
+        q = part((-ca, ca), (vc - cb, vc + cb), (wlo, whi))
+        if q is not None:
+            pu, pv, pw_, m = q
+            m &= ~((pu / ca) ** 2 + ((pv - vc) / cb) ** 2 <= 1)
+        pe_cortex = cortex(pe, grid.spacing_zyx)
+        m_s, v_s = mat[pe_sl], vertebrae[pe_sl]
+        v_s[pe] = vid
+        m_s[pe] = m_trab
+        m_s[pe_cortex] = m_cort
+    # Half of the largest height: H is linear in depth (extremes at the walls); the dip only lowers it.
+    h_max = float(np.max(hfun(np.zeros(2), np.array([-b, b]), np.ones(2)))) / 2 + 1.0
+    body_sl = _sub(grid, fr, sl, (-a, a), (-b, b), (-h_max, h_max))
+    if body_sl is not None:
+        u, v, w = local_coords(grid, fr, body_sl)
+        r2 = (u / a) ** 2 + (v / b) ** 2
+        Hh = hfun(u, v, r2) / 2
+        body = (r2 <= 1) & (np.abs(w) <= Hh)
+        shell = (((u / (a - CORTEX_MM)) ** 2 + (v / (b - CORTEX_MM)) ** 2) > 1) | (np.abs(w) > Hh - ENDPLATE_MM)
+        m_s, v_s, b_s = mat[body_sl], vertebrae[body_sl], bodies[body_sl]
+        v_s[body] = vid
+        b_s[body] = vid
+        m_s[body] = m_trab
+        m_s[body & shell] = m_cort
+        if vein_material is not None:  # basivertebral vein: 6x8 mm channel entering the posterior body wall
+            vein = body & ((u / 3.0) ** 2 + ((v - b + 4.0) / 4.0) ** 2 <= 1) & (np.abs(w) <= 0.3 * H)
+            m_s[vein] = vein_material
     if metal:  # two pedicle screws (6.5 mm), entry at the lamina, tip in the anterior body
+        u, v, w = local_coords(grid, fr, sl)
+        m_s, v_s = mat[sl], vertebrae[sl]
         for side in (-1.0, 1.0):
             p0 = np.array([side * u0, vc + cb + lam * 0.5, w_ped])
             p1 = np.array([side * 5.0, -b + 6.0, w_ped])
@@ -164,6 +216,15 @@ def paint_vertebra(mat, M, vertebrae, bodies, grid, fr, d, above, vid, fracture,
             m_s[m] = T["metal"]
             v_s[m] = vid
     return out
+
+
+def _sub(grid, fr, outer, ur, vr, wr):
+    """Grid slices of a local box, clipped to the slices `outer`; None if empty."""
+    g = grid.bbox(box_corners(fr, ur, vr, wr))
+    if g is None:
+        return None
+    r = tuple(slice(max(gs.start, os_.start), min(gs.stop, os_.stop)) for gs, os_ in zip(g, outer))
+    return None if any(x.stop <= x.start for x in r) else r
 
 
 # --- ribs, sacrum, pelvis --------------------------------------------------------------------

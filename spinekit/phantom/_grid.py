@@ -98,7 +98,13 @@ def local_coords(grid: Grid, frame: Frame, sl):
 
 
 def cortex(mask: np.ndarray, spacing_zyx, thickness_mm: float = 1.2) -> np.ndarray:
-    """Outer shell of a bone mask (about one cortical thickness, at least one voxel)."""
-    it = max(1, int(round(thickness_mm / float(np.min(spacing_zyx)))))
-    inner = ndimage.binary_erosion(mask, iterations=it)
+    """Outer shell of a bone mask (about one cortical thickness, at least one voxel). Faces of the
+    array are not surfaces (border_value=1): bone cut by a box or the field of view has no cortex
+    there, so boxes and sub-sample slabs can be drawn piecewise."""
+    it = cortex_iterations(spacing_zyx, thickness_mm)
+    inner = ndimage.binary_erosion(mask, iterations=it, border_value=1)
     return mask & ~inner
+
+
+def cortex_iterations(spacing_zyx, thickness_mm: float = 1.2) -> int:
+    return max(1, int(round(thickness_mm / float(np.min(spacing_zyx)))))

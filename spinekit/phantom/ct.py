@@ -1,8 +1,13 @@
 """Digital thoracolumbar spine CT phantom with known truth.
 
 The phantom is drawn analytically in millimetres (world = LPS, x patient-left, y posterior,
-z superior) and sampled at voxel centres; each vertebra is computed only inside its own bounding
-box, soft tissue slice by slice. HU come from ``spinekit.physics`` (the same NIST model the
+z superior); each vertebra is computed only inside its own bounding box, soft tissue slice by
+slice. Labels (vertebrae, bodies, tissues) are sampled at voxel centres. The HU are volume
+averages around the bone: inside the boxes of the vertebrae and the sacrum the whole scene is
+redrawn with ``pv_factors(spacing)`` sub-samples per voxel and axis (<= 0.5 mm, at most 6) and the
+HU (not the labels) are averaged, so the 1 mm cortex and endplates stay a continuous, partial-volume
+rim at 2-3 mm spacing, as in real CT; elsewhere (soft tissue, ribs and pelvis away from the spine)
+the HU are sampled at voxel centres. HU come from ``spinekit.physics`` (the same NIST model the
 phantomless calibration inverts), so a calibration that recovers the truth here is tested on
 noise, blur and partial volume, not on a different physics.
 
@@ -43,7 +48,7 @@ from ..levels import VERSE_IDS
 from ..progress import Progress, report
 from ._bone import (FRACTURE_TYPES, GENANT_LOSS, paint_canal, paint_disc, paint_pelvis, paint_rib, paint_sacrum,
                     paint_vertebra)
-from ._grid import TISSUE_IDS, Grid, Materials
+from ._grid import TISSUE_IDS, Grid, Materials, box_corners, cortex_iterations
 from ._soft import OUTLINE_OFFSET_MM, outline, paint_soft_tissue
 from ._spine import SPINE_LEVELS, build_curve, level_dims
 
@@ -115,8 +120,8 @@ class CTPhantom:
     body_volume_analytic_cm3, complete, centroid_lps_mm (of the body label),
     centroid_analytic_lps_mm, center_lps_mm and axis_{lateral,posterior,superior} (the body
     frame; heights are measured along axis_superior), metal, basivertebral_vein, ribs},
-    "levels_rendered", "sacrum", "scanner", "tissue_hu", "contrast_phase", "marrow_fat_fraction",
-    "rods" [{name, k2hpo4_mg_cm3, water_density_mg_cm3, center_lps_mm, radius_mm, hu_true}],
+    "levels_rendered", "sacrum", "scanner" (incl. pv_subsamples_zyx), "tissue_hu", "contrast_phase",
+    "marrow_fat_fraction", "rods" [{name, k2hpo4_mg_cm3, water_density_mg_cm3, center_lps_mm, radius_mm, hu_true}],
     "tissue_ids", "curve", "config".
     """
 
@@ -279,47 +284,17 @@ def generate_ct_phantom(config: CTPhantomConfig | None = None, progress: Progres
         T["calibration_base"]: water_hu, T["metal"]: METAL_HU,
     }
     M = Materials(tissue_hu)
-    mat = np.full(grid.shape, T["air"], dtype=np.uint8)
-    report(progress, 0.05, "phantom: soft tissue")
-    paint_soft_tissue(mat, grid, curve, levels, dims, zc, progress)
-    rods_truth = _paint_rods(mat, M, grid, kev) if cfg.calibration_rods else []
-
-    vertebrae = np.zeros(grid.shape, np.uint8)
-    bodies = np.zeros(grid.shape, np.uint8)
-    # Discs and canal first so the bone of every level overwrites them.
-    report(progress, 0.3, "phantom: discs and canal")
-    for upper, lower in zip(levels[:-1], levels[1:]):
-        paint_disc(mat, grid, curve, dims, upper, lower)
-    if sacrum:
-        paint_disc(mat, grid, curve, dims, "L5", None)
-    for n in levels:
-        paint_canal(mat, grid, frames[n], dims[n])
-
     dens = {n: (cfg.densities_mg_cm3 or {}).get(n, default_density_mg_cm3(n)) for n in levels}
     apparent = {n: apparent_density_mg_cm3(dens[n], phase) for n in levels}
     trab_hu = {n: float(physics.trabecular_hu(apparent[n], kev, fat)) for n in levels}
-
-    if cfg.include_ribs:
-        report(progress, 0.4, "phantom: ribs")
-        for n in levels:
-            if n.startswith("T"):
-                for side in (-1.0, 1.0):
-                    paint_rib(mat, M, grid, curve, frames[n], dims[n], n, side, zc, cortical_hu, trab_hu[n])
-    sacrum_present = False
-    if sacrum:
-        report(progress, 0.45, "phantom: sacrum and pelvis")
-        sac_hu = float(physics.trabecular_hu(apparent_density_mg_cm3(0.9 * dens["L5"], phase), kev, fat))
-        sacrum_present = paint_sacrum(mat, M, vertebrae, grid, curve, cortical_hu, sac_hu)
-        ilium_hu = float(physics.trabecular_hu(apparent_density_mg_cm3(150.0, phase), kev, fat))
-        paint_pelvis(mat, M, grid, curve.point(curve.sacrum_top_s), cortical_hu, ilium_hu)
-
-    report(progress, 0.5, "phantom: vertebrae")
-    geo = {}
-    for k, n in enumerate(levels):
-        above = dims[levels[k - 1]] if k > 0 else None
-        geo[n] = paint_vertebra(mat, M, vertebrae, bodies, grid, frames[n], dims[n], above, VERSE_IDS[n],
-                                cfg.fractures.get(n), trab_hu[n], cortical_hu, metal=(n == cfg.metal_level),
-                                vein_material=T["basivertebral_vein"] if cfg.basivertebral_vein else None)
+    scene = _Scene(cfg=cfg, M=M, curve=curve, levels=levels, dims=dims, zc=zc, frames=frames, sacrum=sacrum,
+                   trab_hu=trab_hu, cortical_hu=cortical_hu,
+                   sac_hu=float(physics.trabecular_hu(apparent_density_mg_cm3(0.9 * dens[levels[-1]], phase),
+                                                      kev, fat)),
+                   ilium_hu=float(physics.trabecular_hu(apparent_density_mg_cm3(150.0, phase), kev, fat)))
+    mat, vertebrae, bodies, geo, sacrum_present, rods_truth = _paint(scene, grid, progress, truth=True)
+    report(progress, 0.55, "phantom: partial volume")
+    hu_patches = _partial_volume(scene, grid, geo, mat)
 
     report(progress, 0.6, "phantom: truth")
     edge_ids = set()
@@ -367,7 +342,7 @@ def generate_ct_phantom(config: CTPhantomConfig | None = None, progress: Progres
         }
 
     report(progress, 0.65, "phantom: scanner blur and noise")
-    image_arr = _scanner(mat, M.hu, grid, cfg, progress)
+    image_arr = _scanner(mat, M.hu, grid, cfg, progress, hu_patches)
     tissues = M.tissue[mat]
     del mat
 
@@ -379,6 +354,7 @@ def generate_ct_phantom(config: CTPhantomConfig | None = None, progress: Progres
             "effective_kev": kev, "noise_hu": cfg.noise_hu, "blur_fwhm_mm": cfg.blur_fwhm_mm,
             "spacing_mm": list(grid.spacing), "seed": cfg.seed,
             "slice_thickness_mm": cfg.slice_thickness_mm or float(grid.spacing[2]),
+            "pv_subsamples_zyx": list(pv_factors(grid.spacing)),  # HU averaged over these around the bone
         },
         "tissue_hu": {
             "air": air_hu, "fat": fat_hu, "muscle": muscle_hu, "blood": blood_hu, "aorta": aorta_hu,
@@ -412,6 +388,137 @@ def _config_json(cfg: CTPhantomConfig) -> dict:
     d["spacing_mm"] = list(cfg.spacing_mm)
     d["shape_zyx"] = list(cfg.shape_zyx) if cfg.shape_zyx else None
     return d
+
+
+# --- painting and partial volume ------------------------------------------------------------
+PV_SUBVOXEL_MM = 0.5  # sub-sample size for partial-volume rendering (the cortex is 1 mm thick)
+PV_MAX_FACTOR = 6  # per axis; caps the cost at very coarse spacing (3 mm -> 0.5 mm)
+PV_CHUNK_SAMPLES = 3_000_000  # sub-samples rendered at once (bounds the float temporaries)
+
+
+@dataclass
+class _Scene:
+    """Everything the painters need besides the grid, so the same scene can be drawn on the voxel
+    grid and on finer sub-sample grids."""
+
+    cfg: CTPhantomConfig
+    M: Materials
+    curve: Any
+    levels: list
+    dims: dict
+    zc: dict
+    frames: dict
+    sacrum: bool
+    trab_hu: dict
+    cortical_hu: float
+    sac_hu: float
+    ilium_hu: float
+
+
+def _paint(scene: _Scene, grid: Grid, progress=None, truth: bool = False):
+    """Material ids of the whole scene sampled at the centres of `grid`, plus the labels.
+    truth=False (sub-sample grids) skips the rods and the analytic truth integrals."""
+    cfg, M = scene.cfg, scene.M
+    mat = np.full(grid.shape, T["air"], dtype=np.uint8)
+    report(progress, 0.05, "phantom: soft tissue")
+    paint_soft_tissue(mat, grid, scene.curve, scene.levels, scene.dims, scene.zc, progress)
+    rods_truth = _paint_rods(mat, M, grid, cfg.effective_kev) if (truth and cfg.calibration_rods) else []
+    vertebrae = np.zeros(grid.shape, np.uint8)
+    bodies = np.zeros(grid.shape, np.uint8)
+    levels, dims, frames, curve = scene.levels, scene.dims, scene.frames, scene.curve
+    # Discs and canal first so the bone of every level overwrites them.
+    report(progress, 0.3, "phantom: discs and canal")
+    for upper, lower in zip(levels[:-1], levels[1:]):
+        paint_disc(mat, grid, curve, dims, upper, lower)
+    if scene.sacrum:
+        paint_disc(mat, grid, curve, dims, "L5", None)
+    for n in levels:
+        paint_canal(mat, grid, frames[n], dims[n])
+    if cfg.include_ribs:
+        report(progress, 0.4, "phantom: ribs")
+        for n in levels:
+            if n.startswith("T"):
+                for side in (-1.0, 1.0):
+                    paint_rib(mat, M, grid, curve, frames[n], dims[n], n, side, scene.zc, scene.cortical_hu,
+                              scene.trab_hu[n])
+    sacrum_present = False
+    if scene.sacrum:
+        report(progress, 0.45, "phantom: sacrum and pelvis")
+        sacrum_present = paint_sacrum(mat, M, vertebrae, grid, curve, scene.cortical_hu, scene.sac_hu)
+        paint_pelvis(mat, M, grid, curve.point(curve.sacrum_top_s), scene.cortical_hu, scene.ilium_hu)
+    report(progress, 0.5, "phantom: vertebrae")
+    geo = {}
+    for k, n in enumerate(levels):
+        above = dims[levels[k - 1]] if k > 0 else None
+        geo[n] = paint_vertebra(mat, M, vertebrae, bodies, grid, frames[n], dims[n], above, VERSE_IDS[n],
+                                cfg.fractures.get(n), scene.trab_hu[n], scene.cortical_hu,
+                                metal=(n == cfg.metal_level),
+                                vein_material=T["basivertebral_vein"] if cfg.basivertebral_vein else None,
+                                truth=truth)
+    return mat, vertebrae, bodies, geo, sacrum_present, rods_truth
+
+
+def pv_factors(spacing_mm) -> tuple[int, int, int]:
+    """Sub-samples per voxel along (z, y, x): sub-sample size <= PV_SUBVOXEL_MM, capped."""
+    return tuple(int(min(PV_MAX_FACTOR, max(1, np.ceil(float(s) / PV_SUBVOXEL_MM - 1e-6))))
+                 for s in reversed(tuple(spacing_mm)))
+
+
+def _partial_volume(scene: _Scene, grid: Grid, geo: dict, mat: np.ndarray) -> list:
+    """Volume-averaged noise-free HU around the bone: [(z0, y-slice, x-slice, float32 (nz, ny, nx))].
+
+    The scene is redrawn on a grid of k sub-samples per voxel and axis (centred in the voxel) and
+    the HU (not the labels) are averaged per voxel, so a 1 mm cortex or endplate reads as a thin
+    continuous rim of intermediate HU at 2-3 mm spacing, as partial volume does in real CT. Only
+    the boxes of the vertebrae (posterior elements, rib heads, discs, canal and the tissue around
+    them included) and of the sacrum are supersampled, in z slabs; the rest stays point sampled."""
+    kz, ky, kx = pv_factors(grid.spacing)
+    if kz * ky * kx == 1:
+        return []
+    boxes = [g["bbox"] for g in geo.values() if g["bbox"] is not None]
+    if scene.sacrum:
+        boxes += [b for b in [_sacrum_bbox(grid, scene.curve)] if b is not None]
+    if not boxes:
+        return []
+    z_lo, z_hi = min(b[0].start for b in boxes), max(b[0].stop for b in boxes)
+    # Rows of each slab: bounded by the sub-sample budget over the widest xy box.
+    area = max((b[1].stop - b[1].start) * (b[2].stop - b[2].start) for b in boxes) * kz * ky * kx
+    step = max(1, int(PV_CHUNK_SAMPLES // max(area, 1)))
+    sub = np.array([kx, ky, kz], float)
+    patches = []
+    for z0 in range(z_lo, z_hi, step):
+        z1 = min(z_hi, z0 + step)
+        hit = [b for b in boxes if b[0].start < z1 and b[0].stop > z0]
+        if not hit:
+            continue
+        ys = slice(min(b[1].start for b in hit), max(b[1].stop for b in hit))
+        xs = slice(min(b[2].start for b in hit), max(b[2].stop for b in hit))
+        lo = np.array([xs.start, ys.start, z0], float)
+        n_c = (z1 - z0, ys.stop - ys.start, xs.stop - xs.start)
+        # Sub-sample centres of voxel i: i + (j + 0.5) / k - 0.5, j = 0..k-1 (voxel units). A halo
+        # of `pad` sub-samples lets eroded shells (cortex()) see the surfaces just outside the slab.
+        fine_sp = grid.spacing / sub
+        pad = cortex_iterations(fine_sp) + 1
+        fine = Grid((n_c[0] * kz + 2 * pad, n_c[1] * ky + 2 * pad, n_c[2] * kx + 2 * pad),
+                    grid.origin + (lo + (0.5 / sub - 0.5)) * grid.spacing - pad * fine_sp, fine_sp)
+        fmat = _paint(scene, fine)[0][pad:-pad, pad:-pad, pad:-pad]
+        hu = scene.M.hu[fmat.astype(np.intp)]
+        hu = hu.reshape(n_c[0], kz, n_c[1], ky, n_c[2], kx).mean(axis=(1, 3, 5), dtype=np.float32)
+        # Outside the boxes themselves keep the voxel-centre HU, so the result does not depend on
+        # how the slabs are cut.
+        inbox = np.zeros(n_c, bool)
+        for b in hit:
+            inbox[max(b[0].start - z0, 0):b[0].stop - z0, b[1].start - ys.start:b[1].stop - ys.start,
+                  b[2].start - xs.start:b[2].stop - xs.start] = True
+        point = scene.M.hu[mat[z0:z1, ys, xs].astype(np.intp)]
+        patches.append((z0, ys, xs, np.where(inbox, hu, point).astype(np.float32)))
+    return patches
+
+
+def _sacrum_bbox(grid: Grid, curve):
+    # Same box as paint_sacrum (plus the iliac wings' medial part, which meet it).
+    fr = curve.sacrum_frame(curve.sacrum_top_s + 14.0)
+    return grid.bbox(box_corners(fr, (-60, 60), (-45, 30), (-86.0 - 5, 14.0 + 5)))
 
 
 # --- field of view ---------------------------------------------------------------------------
@@ -493,7 +600,8 @@ def _sigmas_vox(spacing_mm, blur_fwhm_mm, slice_thickness_mm):
     return (sig_z, blur_fwhm_mm * fwhm2sig / sy, blur_fwhm_mm * fwhm2sig / sx)
 
 
-def _scanner(mat: np.ndarray, lut: np.ndarray, grid: Grid, cfg: CTPhantomConfig, progress) -> np.ndarray:
+def _scanner(mat: np.ndarray, lut: np.ndarray, grid: Grid, cfg: CTPhantomConfig, progress,
+             hu_patches=()) -> np.ndarray:
     """Noise-free HU (material lookup), white noise, in-plane Gaussian blur (FWHM) and slice-profile
     blur (FWHM = slice thickness when thicker than the spacing), rounded to int16.
 
@@ -513,6 +621,9 @@ def _scanner(mat: np.ndarray, lut: np.ndarray, grid: Grid, cfg: CTPhantomConfig,
     blurred = np.empty(mat.shape[1:], np.float32)
     for z in range(nz):
         np.take(lut, mat[z].astype(np.intp), out=h)  # intp indices: much faster than uint8 here
+        for z0, ys, xs, patch in hu_patches:  # volume-averaged HU near the bone
+            if z0 <= z < z0 + patch.shape[0]:
+                h[ys, xs] = patch[z - z0]
         if cfg.noise_hu > 0:
             rng.standard_normal(out=noise, dtype=np.float32)
             noise *= white_sd
