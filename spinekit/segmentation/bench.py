@@ -102,6 +102,9 @@ def bench_dicom(data: Path = DATA) -> list[dict]:
         if d > 0.5:
             found.append(name)
     rows.append(_row("ct_dicom_2mm T11/T12 found and named", "+".join(found) or "none", "", "T11+T12"))
+    rows.append(_row("ct_dicom_2mm TS T12 covered by some label", float((pred[ref == lv.level_id("T12")] > 0).mean()),
+                     "", "1.0"))
+    rows.append(_row("ct_dicom_2mm vertebrae found", len(res.levels), "", "2"))
     rows.append(_row("ct_dicom_2mm labels_uncertain", str(res.labels_uncertain), "", "False"))
     return rows
 
@@ -134,6 +137,8 @@ def phantom_cases(quick: bool = False) -> list[dict]:
         # Osteoporotic bodies where the phantom's 1 mm cortex is resolved / at 80 mg/cm3.
         dict(spacing_mm=(1.0, 1.0, 1.0), densities_mg_cm3=osteo),
         dict(densities_mg_cm3={n: 80.0 for n in osteo}),
+        dict(spacing_mm=(1.5, 1.5, 1.5), densities_mg_cm3={n: 60.0 for n in osteo}),
+        dict(first_level="T8", last_level="L2", contrast_phase="arterial"),
     ]
     return cases
 

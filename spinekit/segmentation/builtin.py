@@ -42,9 +42,11 @@ from .base import LevelRecord, SegmentationResult
 
 BONE_HU = 180.0          # cortical shell / dense trabecular bone after light smoothing
 NATIVE_EDGE_HU = 250.0   # outline on a fine native grid (half-way soft tissue to cortex)
-COARSE_EDGE_HU = None    # outline threshold for coarse (>= 2.5 mm) scans after labelling; None keeps the
-#                          partial-volume rim (TotalSegmentator's 3 mm labels include it; the 3 mm
-#                          phantom truth does not: 150 HU gives phantom 0.81, real T12/L1 -0.1)
+EDGE_FRACTION = 0.5      # final outline: an outer voxel stays if brighter than this fraction of the way
+EDGE_BASE_HU = 0.0       # from soft tissue to the bone peak just inside (half maximum)
+EDGE_FRACTION_COARSE = 0.4  # ... on >= 2.5 mm scans, where blur spreads the cortex outwards (real 3 mm
+#                             CT vs TotalSegmentator: 0.3-0.5 within 0.01, 0.4 best for whole
+#                             vertebrae, 0.5 loses L5 0.853 -> 0.846)
 EDGE_HU = 200.0          # outline voxels darker than this are partial-volume soft tissue
 TRABECULAR_HU = 115.0    # normal trabecular bone; discs (~85 HU) and muscle stay below
 SOFT_LOW_HU = -250.0     # canal content (CSF, cord, epidural fat) lies above this
@@ -52,6 +54,9 @@ CANAL_HIGH_HU = 60.0     # ... and below this (osteoporotic trabecular bone is ~
 CANAL_MEAN_HU = 50.0     # mean of a canal blob after extra smoothing (noise pockets in bone fail)
 CANAL_AREA_MM2 = (25.0, 700.0)  # cross-section of a canal candidate
 MIDLINE_BAND_MM = 45.0   # canal centre within this distance of the torso centre (scoliosis)
+SACRUM_BELOW_CANAL_MM = 80.0  # the column box reaches this far below the lowest tracked canal (110 mm
+#                              takes in the phantom's sacral tip, sacrum 0.85 -> 0.90, but shifts the
+#                              L5/S1 split on real CT: L5 0.853 -> 0.848)
 ROI_ANTERIOR_MM = 70.0   # column box around the canal centre
 ROI_POSTERIOR_MM = 55.0
 ROI_LATERAL_MM = 50.0
@@ -72,6 +77,8 @@ THORACIC_HALF_WIDTH_MM = 30.0       # transverse process tips of T1-T12
 THORACIC_BODY_HALF_WIDTH_MM = 22.0  # thoracic bodies; rib heads sit just lateral
 RIB_HEAD_MIN_MM = 15.0              # rib heads articulate this far from the midline
 RIB_MAX_MM3 = 60000.0    # bigger bone pieces beside the column are pelvis / shoulder girdle
+RIB_GAP_MM = 12.0        # a rib's bone may resume this far outside the column box (the joints and
+#                          the thin rib neck fall below the bone threshold, more so on noisy scans)
 
 
 @dataclass
@@ -277,7 +284,9 @@ def _track_canal(hu, bone, body, sp):
             z += step
             gap += 1
             pred = pos + vel * gap
-            limit = (7.0 + 1.0 * gap * sp) / sp
+            # The search widens across a gap, by half the gap: the drift prediction carries the
+            # curve; pockets further off (sacral foramina, osteoporotic marrow) are not the canal.
+            limit = (7.0 + 0.5 * gap * sp) / sp
             chosen = None
             for pool in (by_z8.get(z, []), by_z7.get(z, [])):
                 dists = [np.hypot(r[1] - pred[0], r[2] - pred[1]) for r in pool]
@@ -428,7 +437,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     if canal is None:
         raise InputError("no vertebral column found in the CT (no bone-enclosed spinal canal in view).")
     nz, ny, nx = hu.shape
-    z_lo = max(0, canal["z_lo"] - int(round(80.0 / sp)))
+    z_lo = max(0, canal["z_lo"] - int(round(SACRUM_BELOW_CANAL_MM / sp)))
     z_hi = min(nz - 1, canal["z_hi"] + int(round(40.0 / sp)))
 
     # --- column mask in a box around the canal -----------------------------------------------
@@ -447,6 +456,9 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     box[z_hi + 1:] = False
     # The canal inside a closed bony ring is a filled hole: take such holes out again.
     canal_disc = (dy ** 2 + dx ** 2) < (np.maximum(canal["rad"], 3.0 / sp)[:, None, None] * sp) ** 2
+    # The lumbar canal is wider than deep: a circle of its area reaches past its anterior wall
+    # into the back of the body, which stays.
+    canal_disc &= dy >= (canal["front"][:, None, None] - canal["cy"][:, None, None]) * sp
     holes = column & ~raw
     hl, _ = ndi.label(holes, structure=_SLICE)
     # (only holes reaching the canal's central part: a low-density body's interior is a hole
@@ -486,17 +498,39 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                 continue
             z_ext = (o[0].stop - o[0].start) * sp
             area = sizes[i + 1] * sp ** 3 / max(z_ext, sp)
-            if not (z_ext >= VESSEL_MIN_LENGTH_MM and 60.0 <= area <= 800.0):
+            # A short scan (a few vertebrae) holds less aorta: a tube through nearly all of it.
+            if not (z_ext >= min(VESSEL_MIN_LENGTH_MM, 0.8 * nz * sp) and 60.0 <= area <= 800.0):
                 continue
             comp = lab[o] == i + 1
             # The aorta runs beside the midline; bodies (and a column merged with them) straddle it.
-            mid = np.abs(np.broadcast_to(dx, lab.shape)[o][comp]) < 8.0
-            if mid.mean() < 0.35:
-                # Slices where the vessel has merged with a body (too big a cross-section) keep
-                # everything: losing a body is worse than keeping a piece of aorta.
+            mid_vox = comp & (np.abs(np.broadcast_to(dx, lab.shape)[o]) < 8.0)
+            if mid_vox.sum() < 0.35 * comp.sum():
                 per_slice = comp.sum(axis=(1, 2)) * sp * sp
-                ok = (per_slice <= VESSEL_MAX_AREA_MM2)[:, None, None]
-                vessel[o] |= comp & ok
+                # Clean slices: a vessel-sized cross-section away from the midline (a slice
+                # holding body bone straddles the midline).
+                good = ((per_slice >= 60.0) & (per_slice <= VESSEL_MAX_AREA_MM2)
+                        & (mid_vox.sum(axis=(1, 2)) * sp * sp < 0.35 * np.maximum(per_slice, 1.0)))
+                # ... of the tube's own size (a partly merged slice is bigger).
+                if good.any():
+                    ref_area = float(np.median(per_slice[good]))
+                    good &= np.abs(per_slice - ref_area) < 0.3 * ref_area
+                vessel[o] |= comp & good[:, None, None]
+                # Slices where the vessel has merged with a body (too big a cross-section): the
+                # tube's cross-section carried over from the clean slices around (centre and
+                # radius interpolated), so the body's own bone stays.
+                kz = np.nonzero(good)[0]
+                bad = np.nonzero(~good & (per_slice > 0))[0]
+                if kz.size >= 2 and bad.size:
+                    cen = np.array([np.argwhere(comp[k]).mean(axis=0) for k in kz])
+                    rad = np.full(kz.size, np.sqrt(ref_area / np.pi) / sp)
+                    yy_o = np.arange(o[1].start, o[1].stop)[:, None] - o[1].start
+                    xx_o = np.arange(o[2].start, o[2].stop)[None, :] - o[2].start
+                    for k in bad:
+                        c_y = np.interp(k, kz, cen[:, 0])
+                        c_x = np.interp(k, kz, cen[:, 1])
+                        r_k = np.interp(k, kz, rad) + 0.5
+                        tube = (yy_o - c_y) ** 2 + (xx_o - c_x) ** 2 <= r_k ** 2
+                        vessel[o[0].start + k, o[1], o[2]] |= tube & cand[o[0].start + k, o[1], o[2]]
         if vessel.any():
             vessel = ndi.binary_dilation(vessel, structure=_SLICE, iterations=VESSEL_ERODE) & cand_full
             column &= ~vessel
@@ -648,13 +682,9 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     vert = np.zeros(hu.shape, np.uint8)
     vert[crop] = ws.astype(np.uint8)
     bodies = np.where(anterior & column, body_markers, 0).astype(np.uint8)
-    if native_min >= 2.5 and COARSE_EDGE_HU is not None:
-        # Coarse scans: the outline is drawn only now, so disc finding saw the full column.
-        shell = (vert > 0) & ~ndi.binary_erosion(vert > 0)
-        drop = shell & (hu < COARSE_EDGE_HU)
-        vert[drop] = 0
-        bodies[drop] = 0
-        del shell, drop
+    # Bodies are solid: low-density marrow whose axial ring was open in a slice (thin or
+    # partial-volume cortex) is left as a hole; fill it in all three orientations.
+    _fill_body_holes(vert, bodies)
     del ws, elev
 
     # --- anchors -----------------------------------------------------------------------------
@@ -668,12 +698,14 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         for sg in segs[min(ribbed):]:
             is_thoracic[sg.label] = True
         adx = np.abs(dx)
-        vert[is_thoracic[vert] & (adx > THORACIC_HALF_WIDTH_MM)] = 0
-        bodies[is_thoracic[bodies] & (adx > THORACIC_BODY_HALF_WIDTH_MM)] = 0
         # Follow each rib medially through the labelled bone beside the body and in front of
         # the transverse processes (rib neck and head), and give that bone back to the rib.
+        # (The path is taken before the width cut below, which would break it between the box
+        # wall and the rib neck.)
         dyc = (np.arange(ny)[None, :, None] - canal["cy"][:, None, None]) * sp
         path = is_thoracic[vert] & (adx > RIB_HEAD_MIN_MM) & (dyc < 2.0)
+        vert[is_thoracic[vert] & (adx > THORACIC_HALF_WIDTH_MM)] = 0
+        bodies[is_thoracic[bodies] & (adx > THORACIC_BODY_HALF_WIDTH_MM)] = 0
         grown = ribs & ~box
         steps = int(np.ceil((ROI_LATERAL_MM - RIB_HEAD_MIN_MM) / sp)) + 2
         grown = ndi.binary_dilation(grown, iterations=steps, mask=grown | path)
@@ -736,6 +768,10 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     if sp / native_min >= 1.4:
         report(progress, 0.95, "builtin: refining outlines")
         vert_native, bodies_native = _refine_native(vert_native, bodies_native, image, sp)
+    # The outline on the native HU, drawn only now so that disc finding saw the full column: one
+    # voxel layer at most (a low-density body keeps its interior).
+    vert_native, bodies_native = _trim_outline(vert_native, bodies_native, image,
+                                               EDGE_FRACTION_COARSE if native_min >= 2.5 else EDGE_FRACTION)
 
     levels = _records(segs, vert_native, bodies_native, image, grid, confidence, uncertain)
     if len([r for r in levels if r.name != "sacrum"]) < max(1, min_levels):
@@ -756,6 +792,58 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                         "rib_bearing_levels": [sg.name for sg in segs if sg.ribs > 0 and sg.name]},
         },
     )
+
+
+def _fill_body_holes(vert: np.ndarray, bodies: np.ndarray) -> None:
+    """Fill holes of each body label in axial, coronal and sagittal planes (in place); the
+    filled voxels join the whole vertebra of the same label where it has none."""
+    objs = ndi.find_objects(bodies)
+    for i, o in enumerate(objs):
+        if o is None:
+            continue
+        o = tuple(slice(max(0, sl.start - 1), sl.stop + 1) for sl in o)
+        m = bodies[o] == i + 1
+        filled = m.copy()
+        for axis in range(3):
+            st = np.zeros((3, 3, 3), bool)
+            idx = [slice(None)] * 3
+            idx[axis] = 1
+            st[tuple(idx)] = ndi.generate_binary_structure(2, 1)
+            filled |= ndi.binary_fill_holes(filled, structure=st)
+        new = filled & ~m & (bodies[o] == 0)
+        bodies[o][new] = i + 1
+        v = vert[o]
+        v[new & (v == 0)] = i + 1
+
+
+def _trim_outline(vert: np.ndarray, bodies: np.ndarray, image: Image, fraction: float):
+    """Drop the outer voxel layer of each vertebra (its surface and its faces towards the
+    neighbouring vertebrae) where the native HU is below `fraction` of the way from soft
+    tissue to the brightest bone just inside: a partial-volume voxel mostly outside the bone,
+    or disc rather than endplate. Relative to the local peak, so it holds for a blurred 3 mm
+    cortex (peak ~400 HU) and for a sharp thin one (peak > 1000 HU) alike."""
+    fg = vert > 0
+    if not fg.any():
+        return vert, bodies
+    box = ndi.find_objects(fg.astype(np.uint8))[0]
+    crop = tuple(slice(max(0, b.start - 1), min(n, b.stop + 1)) for b, n in zip(box, vert.shape))
+    f = fg[crop]
+    v = vert[crop]
+    cross = ndi.generate_binary_structure(3, 1)
+    other = (ndi.grey_dilation(v, footprint=cross) != v) | (ndi.grey_erosion(np.where(f, v, 255), footprint=cross) != v)
+    # (the walls of inner pockets - veins, canal - are not an outline)
+    outer = f & (~ndi.binary_erosion(ndi.binary_fill_holes(f)) | other)
+    del other
+    hu = np.asarray(image.array[crop], np.float32)
+    peak = ndi.maximum_filter(np.where(f & ~outer, hu, np.float32(-2000.0)), size=3)
+    # Thin processes with no interior voxel (peak -2000) keep their outline.
+    drop = outer & (peak > -1000.0) & (hu < EDGE_BASE_HU + fraction * (peak - EDGE_BASE_HU))
+    del peak, hu, outer
+    vert = vert.copy()
+    bodies = bodies.copy()
+    vert[crop][drop] = 0
+    bodies[crop][drop] = 0
+    return vert, bodies
 
 
 def _refine_native(vert: np.ndarray, bodies: np.ndarray, image: Image, sp: float):
@@ -810,8 +898,8 @@ def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
     if not centre_z or zb.size == 0:
         return ribs
     # Rib roots: just outside the lateral walls of the box, beside labelled column bone.
-    wall = np.broadcast_to((np.abs(dx) >= ROI_LATERAL_MM) & (np.abs(dx) < ROI_LATERAL_MM + 3.0 * sp), vert.shape)
-    near_col = ndi.binary_dilation(vert > 0, iterations=max(1, int(round(4.0 / sp))), mask=wall | (vert > 0))
+    wall = np.broadcast_to((np.abs(dx) >= ROI_LATERAL_MM) & (np.abs(dx) < ROI_LATERAL_MM + RIB_GAP_MM), vert.shape)
+    near_col = ndi.binary_dilation(vert > 0, iterations=max(1, int(round(RIB_GAP_MM / sp))), mask=wall | (vert > 0))
     for i, o in enumerate(objs):
         v = sizes[i + 1]
         if o is None or v < 300.0 or v > RIB_MAX_MM3:
