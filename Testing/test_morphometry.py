@@ -48,3 +48,24 @@ def test_genant_boundaries():
     assert genant_grade(0.401) == 3
     assert genant_grade(None) is None
     assert abs(KONG_RATIO_LIMIT - 0.67) < 1e-9
+
+
+def test_fragment_labelled_as_neighbour_does_not_tilt_the_level():
+    """A small blob far in front of the spine carrying the next level's id (a vessel labelled as
+    a vertebra at the edge of the field of view) must not re-orient its neighbour's frame."""
+    col = synthetic_column(spacing_zyx_mm=(1.0, 1.0, 1.0), tilt_deg=10.0)
+    clean = measure_morphometry(col.bodies, (1.0, 1.0, 1.0))
+    ids = sorted(int(i) for i in np.unique(col.bodies) if i)
+    top = max(ids, key=lambda i: np.nonzero(col.bodies == i)[0].mean())  # most cranial level
+    zs, ys, xs = np.nonzero(col.bodies == top)
+    bodies = col.bodies.copy()
+    # a 6 mm cube of the top level's id placed 40 mm anterior of its body, at its top
+    z0, y0, x0 = zs.max() - 6, max(ys.min() - 40, 0), int(xs.mean())
+    bodies[bodies == top] = 0
+    bodies[z0:z0 + 6, y0:y0 + 6, x0:x0 + 6] = top
+    below = max((i for i in ids if i != top), key=lambda i: np.nonzero(col.bodies == i)[0].mean())
+    res = measure_morphometry(bodies, (1.0, 1.0, 1.0))
+    name = [k for k, v in clean.items() if v.verse_id == below][0]
+    for k in ("height_anterior_mm", "height_middle_mm", "height_posterior_mm"):
+        assert abs(getattr(res[name], k) - getattr(clean[name], k)) <= 0.5, k
+    assert res[name].genant_grade == clean[name].genant_grade == 0

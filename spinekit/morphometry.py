@@ -97,7 +97,8 @@ def measure_morphometry(bodies: np.ndarray, spacing_zyx_mm, *, vertebrae: np.nda
     present = list(crops)
     wanted = present if levels is None else [int(i) for i in levels if int(i) in crops]
     wanted.sort(key=lambda i: lv.order_index(lv.level_name(i)))
-    centres = _centroids_mm(bodies, present, spacing, crops)
+    sizes: dict[int, int] = {}
+    centres = _centroids_mm(bodies, present, spacing, crops, sizes_out=sizes)
     vcentres = _centroids_mm(vertebrae, wanted, spacing, vertebra_crops) if vertebrae is not None else {}
     out: dict[str, LevelMorphometry] = {}
     for vid in wanted:
@@ -112,7 +113,7 @@ def measure_morphometry(bodies: np.ndarray, spacing_zyx_mm, *, vertebrae: np.nda
             m.flags.append("body_mask_fragments")
         offset = np.array([s.start for s in crop]) * np.asarray(spacing)
         frame = vertebra_frame(body, spacing,
-                               neighbour_centres_mm=[c - offset for c in _neighbour_centres(vid, centres)],
+                               neighbour_centres_mm=[c - offset for c in _neighbour_centres(vid, centres, sizes)],
                                vertebra_centre_mm=(vcentres[vid] - offset) if vid in vcentres else None,
                                direction=direction)
         h = body_heights(body, spacing, frame)

@@ -302,8 +302,10 @@ def level_crops(labels: np.ndarray, pad: int = 2) -> dict[int, tuple[slice, ...]
     return out
 
 
-def _centroids_mm(labels: np.ndarray, ids, spacing, crops: dict[int, tuple[slice, ...]] | None = None) -> dict[int, np.ndarray]:
-    """Centroid (voxel-mm) per id, computed inside each id's bounding box (cheap on big CTs)."""
+def _centroids_mm(labels: np.ndarray, ids, spacing, crops: dict[int, tuple[slice, ...]] | None = None,
+                  sizes_out: dict[int, int] | None = None) -> dict[int, np.ndarray]:
+    """Centroid (voxel-mm) per id, computed inside each id's bounding box (cheap on big CTs).
+    sizes_out, when given, receives each id's voxel count."""
     crops = level_crops(labels) if crops is None else crops
     sp = np.asarray(spacing, dtype=float)
     out = {}
@@ -315,21 +317,34 @@ def _centroids_mm(labels: np.ndarray, ids, spacing, crops: dict[int, tuple[slice
         pts = np.argwhere(labels[sl] == i)
         if len(pts):
             out[i] = (pts.mean(axis=0) + np.array([s.start for s in sl])) * sp
+        if sizes_out is not None:
+            sizes_out[i] = len(pts)
     return out
 
 
-def _neighbour_centres(vid: int, centres: dict[int, np.ndarray]) -> list[np.ndarray]:
+# A neighbour whose body is smaller than this fraction of the level's own body (a level cut by
+# the field of view, or a fragment such as a vessel labelled as a vertebra) has a centroid that
+# says nothing about the spine's axis, so it is not used to orient the level.
+NEIGHBOUR_MIN_SIZE_FRACTION = 0.4
+
+
+def _neighbour_centres(vid: int, centres: dict[int, np.ndarray],
+                       sizes: dict[int, int] | None = None) -> list[np.ndarray]:
     name = lv.level_name(vid)
+
+    def usable(i: int) -> bool:
+        return sizes is None or sizes.get(i, 0) >= NEIGHBOUR_MIN_SIZE_FRACTION * sizes.get(vid, 0)
+
     out = []
     for n in lv.neighbours(name):
-        if n is not None and lv.VERSE_IDS.get(n) in centres:
+        if n is not None and lv.VERSE_IDS.get(n) in centres and usable(lv.VERSE_IDS[n]):
             out.append(centres[lv.VERSE_IDS[n]])
     # Transitional levels sit between the standard ones.
     if not out:
         order = sorted(centres, key=lambda i: lv.order_index(lv.level_name(i)))
         k = order.index(vid) if vid in order else -1
         for j in (k - 1, k + 1):
-            if k >= 0 and 0 <= j < len(order):
+            if k >= 0 and 0 <= j < len(order) and usable(order[j]):
                 out.append(centres[order[j]])
     return out
 
@@ -360,7 +375,8 @@ def trabecular_rois(bodies: np.ndarray, spacing_zyx_mm, mode: str = "whole", *,
     out = np.zeros(bodies.shape, dtype=np.uint8)
     if not wanted:
         return out
-    centres = _centroids_mm(bodies, present, spacing, crops) if mode == "mid" else {}
+    sizes: dict[int, int] = {}
+    centres = _centroids_mm(bodies, present, spacing, crops, sizes_out=sizes) if mode == "mid" else {}
     vcentres = (_centroids_mm(vertebrae, wanted, spacing, vertebra_crops)
                 if (mode == "mid" and vertebrae is not None) else {})
     for vid in wanted:
@@ -373,7 +389,7 @@ def trabecular_rois(bodies: np.ndarray, spacing_zyx_mm, mode: str = "whole", *,
         else:
             offset = np.array([s.start for s in crop]) * np.asarray(spacing)
             frame = vertebra_frame(body, spacing,
-                                   neighbour_centres_mm=[c - offset for c in _neighbour_centres(vid, centres)],
+                                   neighbour_centres_mm=[c - offset for c in _neighbour_centres(vid, centres, sizes)],
                                    vertebra_centre_mm=(vcentres[vid] - offset) if vid in vcentres else None,
                                    direction=direction)
             roi = _mid_roi(body, spacing, frame, margin, height_mm, None if ct is None else ct[crop])
