@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from .. import levels as lv
+from ..masks import largest_component
 
 ROI_MODES = ("whole", "mid")
 
@@ -199,13 +200,7 @@ def main_body_component(body: np.ndarray) -> np.ndarray:
         return body
     struct = ndimage.generate_binary_structure(3, 1)
     core = ndimage.binary_opening(body, struct)
-    lab, n = ndimage.label(core if core.any() else body, struct)
-    if n > 1:
-        sizes = np.bincount(lab.ravel())
-        sizes[0] = 0
-        core = lab == int(np.argmax(sizes))
-    elif n == 1:
-        core = lab > 0
+    core = largest_component(core if core.any() else body, struct)
     return body & ndimage.binary_dilation(core, struct)
 
 

@@ -42,6 +42,7 @@ from scipy.stats import trim_mean
 
 from ..errors import InputError
 from ..image import Image
+from ..masks import largest_component
 
 TISSUES = ("air", "fat", "muscle", "aorta", "ivc")
 
@@ -189,12 +190,7 @@ def body_mask(smooth: np.ndarray, spacing: tuple) -> np.ndarray:
     py, px = st.shape[1], st.shape[2]
     # (edge padding: the image border must not erode a body that runs out of the field of view)
     m = ndi.binary_opening(np.pad(m, [(0, 0), (py, py), (px, px)], mode="edge"), structure=st)[:, py:-py, px:-px]
-    lab, n = ndi.label(m)
-    if n == 0:
-        return m
-    sizes = np.bincount(lab.ravel())
-    sizes[0] = 0
-    m = lab == int(np.argmax(sizes))
+    m = largest_component(m)
     return np.stack([ndi.binary_fill_holes(s) for s in m])
 
 
@@ -213,18 +209,9 @@ def _bone_column_at(smooth: np.ndarray, body: np.ndarray, spacing: tuple, thresh
         # filling the cortical ring makes the vertebral body one solid, largest object
         # (closing first: at coarse voxels the thin cortex of a porotic body has gaps)
         ring = ndi.binary_closing((smooth[z] > threshold_hu) & strip, structure=_disk(4.0, spacing[1:]))
-        lab2, n = ndi.label(ndi.binary_fill_holes(ring))
-        if n:
-            sizes = np.bincount(lab2.ravel())
-            sizes[0] = 0
-            col[z] = lab2 == int(np.argmax(sizes))
+        col[z] = largest_component(ndi.binary_fill_holes(ring))
     # keep the column: the largest 3D object of the per-slice picks
-    lab3, n = ndi.label(col)
-    if n:
-        sizes = np.bincount(lab3.ravel())
-        sizes[0] = 0
-        col = lab3 == int(np.argmax(sizes))
-    return col
+    return largest_component(col)
 
 
 def _bone_column(smooth: np.ndarray, body: np.ndarray, spacing: tuple) -> np.ndarray:

@@ -37,6 +37,7 @@ from scipy.signal import find_peaks
 from .. import levels as lv
 from ..errors import InputError
 from ..image import Image
+from ..masks import largest_component
 from ..progress import Progress, report
 from .base import LevelRecord, SegmentationResult
 
@@ -158,13 +159,7 @@ _SLICE8[1] = True
 
 
 def _body_mask(hu: np.ndarray) -> np.ndarray:
-    body = hu > -400
-    lab, n = ndi.label(body)
-    if n == 0:
-        return body
-    counts = np.bincount(lab.ravel())
-    counts[0] = 0
-    body = lab == int(np.argmax(counts))
+    body = largest_component(hu > -400)
     return ndi.binary_fill_holes(body, structure=_SLICE)
 
 
@@ -568,7 +563,6 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     cntb = np.bincount(zb, minlength=nz).astype(float)
     okz = np.nonzero(cntb > 0)[0]
     bcy = np.bincount(zb, weights=yb, minlength=nz)[okz] / cntb[okz]
-    bcx = np.bincount(zb, weights=xb, minlength=nz)[okz] / cntb[okz]
     win = max(3, int(round(30.0 / sp)) | 1)
     by = _smooth_track(okz.astype(float), bcy, nz, win)
     # Left-right, the body sits in front of the canal (the canal track is the steadier one).
