@@ -281,3 +281,16 @@ def test_phantom_rod_calibration_path():
         assert r.vbmd_mg_cm3 == pytest.approx(ph.truth["levels"][r.level]["density_mg_cm3"], abs=2.0), r.level
     with pytest.raises(InputError, match="rod"):
         run_bmd(ph.image, _truth_seg(ph), BMDOptions(calibration="phantom"))
+
+
+def test_malformed_header_age_is_ignored_not_an_error():
+    """A broken PatientAge in the header is not the user's argument: no T/Z-score needing age,
+    no exception; a well-formed one is used when no age is given."""
+    ph = generate_ct_phantom(CTPhantomConfig(first_level="L1", last_level="L2", spacing_mm=(2.0, 2.0, 2.0),
+                                             include_sacrum=False, seed=4))
+    ph.image.metadata.update({"Modality": "CT", "PatientAge": "abc", "PatientSex": "F"})
+    res = run_bmd(ph.image, _truth_seg(ph))
+    assert res.summary["vbmd_l1_l2"] is not None and res.summary["z_score"] is None
+    ph.image.metadata["PatientAge"] = "070Y"
+    res = run_bmd(ph.image, _truth_seg(ph))
+    assert res.summary["z_score"] is not None and res.summary["bmd_age"] is not None

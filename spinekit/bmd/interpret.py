@@ -12,7 +12,6 @@ midpoints, after the peak) equals the patient's value. The reference is a data f
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..image import parse_age_years as dicom_age_years
 
 ACR_NORMAL_ABOVE_MG_CM3 = 120.0
 ACR_OSTEOPOROSIS_BELOW_MG_CM3 = 80.0
@@ -52,11 +52,15 @@ def parse_age_years(value) -> float | None:
     if isinstance(value, (int, float, np.number)):
         v = float(value)
         return v if np.isfinite(v) and v >= 0 else None
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([YMWD]?)\s*", str(value).upper())
-    if not m:
-        raise InputError(f"age '{value}' is not a number of years or a DICOM age such as 065Y.")
-    n = float(m.group(1))
-    return n / {"": 1, "Y": 1, "M": 12, "W": 52.1775, "D": 365.25}[m.group(2)]
+    years = dicom_age_years(value)  # DICOM AS ('065Y', '018M', ...)
+    if years is None:
+        try:  # a plain number typed by a user, e.g. "65.5"
+            years = float(str(value))
+        except ValueError:
+            raise InputError(f"age '{value}' is not a number of years or a DICOM age such as 065Y.") from None
+        if not (np.isfinite(years) and years >= 0):
+            raise InputError(f"age '{value}' is not a number of years or a DICOM age such as 065Y.")
+    return years
 
 
 def parse_sex(value) -> str | None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import levels as lv
 from ..errors import InputError
-from ..image import Image
+from ..image import Image, parse_age_years
 from ..progress import Progress, report, scaled
 from . import interpret as interp
 from .roi import METAL_HU, ROI_MODES, clean_body_labels, level_crops, roi_statistics, trabecular_rois
@@ -326,7 +326,10 @@ def run_bmd(image: Image, segmentation=None, options: BMDOptions | None = None,
 
     # 8. interpretation
     report(step, 0.85, "interpretation")
-    age = options.age if options.age is not None else interp.parse_age_years(image.metadata.get("PatientAge"))
+    # the reader already parsed PatientAge tolerantly (None when malformed); a header is not a user argument
+    age = options.age if options.age is not None else image.metadata.get("age_years")
+    if age is None:
+        age = parse_age_years(image.metadata.get("PatientAge"))
     sex = options.sex if options.sex is not None else image.metadata.get("PatientSex")
     if not any(n.startswith("L") for n in (r.level for r in level_rows)):
         warnings.append("No lumbar vertebra (L1-L5) is in view, so no L1-L2 vBMD or category is given.")
