@@ -23,6 +23,7 @@ import SimpleITK as sitk
 from spinekit import levels as lv
 from spinekit.cli import main as cli_main
 from spinekit.errors import InputError, MissingDependencyError
+from spinekit.masks import dice
 from spinekit.image import Image, read_image, write_image
 from spinekit.segmentation import BACKENDS, bodies_from_vertebrae, records_from_labels, segment
 from spinekit.segmentation.labelmap import guess_convention
@@ -89,10 +90,6 @@ def sample(grid: Image, z_top: float = 60.0):
 def ct_from(grid: Image, vert: np.ndarray) -> Image:
     hu = np.where(vert > 0, 400, 0).astype(np.int16)
     return grid.with_array(hu)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * np.logical_and(a, b).sum() / max(a.sum() + b.sum(), 1)
 
 
 def foreign(verse: np.ndarray, convention: str) -> np.ndarray:

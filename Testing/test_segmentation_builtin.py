@@ -12,16 +12,13 @@ import numpy as np
 import pytest
 
 from spinekit import levels as lv
+from spinekit.masks import dice
 from spinekit.errors import InputError
 from spinekit.image import Image, read_image
 from spinekit.phantom import CTPhantomConfig, generate_ct_phantom
 from spinekit.segmentation.builtin import segment_builtin
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
 
 
 def _phantom(**kw):
@@ -43,7 +40,7 @@ def _best_match_dice(pred: np.ndarray, truth: np.ndarray) -> dict[int, float]:
         ids, counts = np.unique(pred[m], return_counts=True)
         counts[ids == 0] = 0
         best = ids[int(np.argmax(counts))]
-        out[int(t)] = _dice(pred == best, m) if best else 0.0
+        out[int(t)] = dice(pred == best, m) if best else 0.0
     return out
 
 
@@ -63,7 +60,7 @@ def test_phantom_with_sacrum_dice_and_names(lumbar_with_sacrum):
     assert res.present_levels() == [n for n in lv.ORDER if n in truth_names]
     for name in truth_names:
         vid = lv.level_id(name)
-        d = _dice(res.vertebrae.array == vid, ph.vertebrae.array == vid)
+        d = dice(res.vertebrae.array == vid, ph.vertebrae.array == vid)
         if name == "sacrum":
             # The sacrum is an anchor, not a measured level: its caudal tip (below the column
             # box) is missed and the sacral canal is filled in; measured 0.851 at 2 mm on the
@@ -71,7 +68,7 @@ def test_phantom_with_sacrum_dice_and_names(lumbar_with_sacrum):
             assert d >= 0.85, f"sacrum Dice {d:.3f}"
             continue
         assert d >= 0.9, f"{name} whole-vertebra Dice {d:.3f}"
-        db = _dice(res.bodies.array == vid, ph.bodies.array == vid)
+        db = dice(res.bodies.array == vid, ph.bodies.array == vid)
         assert db >= 0.9, f"{name} body Dice {db:.3f}"
     for rec in res.levels:
         assert rec.confidence >= 0.8 and "label_uncertain" not in rec.flags
@@ -85,7 +82,7 @@ def test_chest_view_ending_at_l2_is_named_from_the_last_rib():
     assert res.present_levels() == _truth_levels(ph)
     for name in _truth_levels(ph):
         vid = lv.level_id(name)
-        d = _dice(res.vertebrae.array == vid, ph.vertebrae.array == vid)
+        d = dice(res.vertebrae.array == vid, ph.vertebrae.array == vid)
         assert d >= 0.9, f"{name} whole-vertebra Dice {d:.3f}"
 
 
@@ -123,8 +120,8 @@ def _assert_named_and_dice(ph, res, whole_min, body_min, levels=None):
         if name == "sacrum":
             continue
         vid = lv.level_id(name)
-        d = _dice(res.vertebrae.array == vid, ph.vertebrae.array == vid)
-        db = _dice(res.bodies.array == vid, ph.bodies.array == vid)
+        d = dice(res.vertebrae.array == vid, ph.vertebrae.array == vid)
+        db = dice(res.bodies.array == vid, ph.bodies.array == vid)
         assert d >= whole_min, f"{name} whole-vertebra Dice {d:.3f}"
         assert db >= body_min, f"{name} body Dice {db:.3f}"
 
@@ -163,7 +160,7 @@ def test_axis_flips_give_the_same_labels(lumbar_with_sacrum):
     back = res2.vertebrae.array[:, ::-1, ::-1]
     for name in res.present_levels():
         vid = lv.level_id(name)
-        assert _dice(back == vid, res.vertebrae.array == vid) >= 0.95
+        assert dice(back == vid, res.vertebrae.array == vid) >= 0.95
 
 
 def test_progress_is_reported():
@@ -243,8 +240,8 @@ def test_real_ct_dice_against_totalsegmentator(abdomen):
     ct, ref, body_ref, res = abdomen
     for name in ("T12", "L1", "L2", "L3", "L4", "L5"):
         vid = lv.level_id(name)
-        d = _dice(res.vertebrae.array == vid, ref == vid)
-        db = _dice(res.bodies.array == vid, body_ref & (ref == vid))
+        d = dice(res.vertebrae.array == vid, ref == vid)
+        db = dice(res.bodies.array == vid, body_ref & (ref == vid))
         assert d >= REAL_TARGET_DICE, f"{name} whole Dice {d:.3f}"
         assert db >= REAL_TARGET_DICE, f"{name} body Dice {db:.3f}"
 

@@ -16,3 +16,10 @@ def largest_component(mask: np.ndarray, structure: np.ndarray | None = None) -> 
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return labels == int(np.argmax(sizes))
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice overlap of two boolean masks (0 when both are empty)."""
+    a = np.asarray(a, bool)
+    b = np.asarray(b, bool)
+    return 2.0 * float(np.logical_and(a, b).sum()) / max(1.0, float(a.sum() + b.sum()))

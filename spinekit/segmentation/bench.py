@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import levels as lv
+from ..masks import dice
 
 SECTION = "segmentation"
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -28,10 +29,6 @@ def _row(metric: str, value, unit: str = "", target: str = "") -> dict:
     if isinstance(value, float):
         value = round(value, 4)
     return {"section": SECTION, "metric": metric, "value": value, "unit": unit, "target": target}
-
-
-def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    return 2.0 * float((a & b).sum()) / max(1.0, float(a.sum() + b.sum()))
 
 
 def _best_match(pred: np.ndarray, truth: np.ndarray, vid: int) -> int:
@@ -59,10 +56,10 @@ def bench_abdomen(data: Path = DATA) -> list[dict]:
     levels = ("T12", "L1", "L2", "L3", "L4", "L5")
     for name in levels:
         vid = lv.level_id(name)
-        rows.append(_row(f"ct_abdomen_3mm Dice whole {name}", _dice(res.vertebrae.array == vid, ref == vid),
+        rows.append(_row(f"ct_abdomen_3mm Dice whole {name}", dice(res.vertebrae.array == vid, ref == vid),
                          "", ">= 0.85"))
         rows.append(_row(f"ct_abdomen_3mm Dice body {name}",
-                         _dice(res.bodies.array == vid, body_ref & (ref == vid)), "", ">= 0.85"))
+                         dice(res.bodies.array == vid, body_ref & (ref == vid)), "", ">= 0.85"))
         named += int(_best_match(res.vertebrae.array, ref, vid) == vid)
     rows.append(_row("ct_abdomen_3mm levels named like TotalSegmentator", f"{named}/{len(levels)}", "",
                      f"{len(levels)}/{len(levels)}"))
@@ -97,7 +94,7 @@ def bench_dicom(data: Path = DATA) -> list[dict]:
     found = []
     for name in ("T11", "T12"):
         vid = lv.level_id(name)
-        d = _dice(pred == vid, ref == vid)
+        d = dice(pred == vid, ref == vid)
         rows.append(_row(f"ct_dicom_2mm Dice whole {name}", d, "", ">= 0.85"))
         if d > 0.5:
             found.append(name)
@@ -171,12 +168,12 @@ def bench_phantoms(quick: bool = False) -> list[dict]:
             vid = lv.level_id(name)
             # Name-agnostic overlap where no anchor is in view (names are then a flagged guess).
             pid = vid if has_anchor else _best_match(res.vertebrae.array, truth, vid)
-            d = _dice(res.vertebrae.array == pid, truth == vid)
+            d = dice(res.vertebrae.array == pid, truth == vid)
             if name == "sacrum":
                 min_sacrum = min(min_sacrum, d)
                 continue
             whole.append(d)
-            body.append(_dice(res.bodies.array == pid, ph.bodies.array == vid))
+            body.append(dice(res.bodies.array == pid, ph.bodies.array == vid))
         ok = res.present_levels() == [n for n in lv.ORDER if n in names]
         if has_anchor:
             anchored += 1
