@@ -65,6 +65,9 @@ MIN_VERTEBRA_MM = 12.0   # shortest vertebra + disc pitch kept (crush fractures 
 DISC_DEPTH = 0.45        # a disc slab holds under half the bone of the bodies next to it
 WEAK_DISC_DEPTH = 0.85   # a tilted / narrow disc, accepted where the disc spacing expects one
 ALA_FRACTION = 0.15      # share of a segment's bone lateral-anterior (sacral alae)
+ENDPLATE_PERCENTILE = 25.0  # low percentile of body HU per slab: the disc content, not the bright rim
+ENDPLATE_REACH_MM = 6.0  # endplates lie this close above and below a disc's centre (thin thoracic discs)
+ENDPLATE_CONTRAST_HU = 40.0  # a disc band is this much darker than the endplates on both sides
 DEFAULT_PITCH_MM = 30.0  # vertebra + disc height when too few discs are seen to measure it
 TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # sagittal tilts of the disc-finding slabs
 VESSEL_HU = (160.0, 520.0)  # contrast-filled aorta (arterial phase up to ~350-450 HU)
@@ -78,6 +81,9 @@ THORACIC_HALF_WIDTH_MM = 30.0       # transverse process tips of T1-T12
 THORACIC_BODY_HALF_WIDTH_MM = 22.0  # thoracic bodies; rib heads sit just lateral
 RIB_HEAD_MIN_MM = 15.0              # rib heads articulate this far from the midline
 RIB_MAX_MM3 = 60000.0    # bigger bone pieces beside the column are pelvis / shoulder girdle
+RIB_STUB_MIN_MM = 25.0   # rib necks run lateral of the pedicles and articular processes
+RIB_STUB_END_MM = 35.0   # ... and lie this far out where the scan's caudal end cuts them
+RIB_STUB_RISE_MM = 8.0   # ... rising at least this much from there to the rib head
 RIB_GAP_MM = 12.0        # a rib's bone may resume this far outside the column box (the joints and
 #                          the thin rib neck fall below the bone threshold, more so on noisy scans)
 
@@ -97,6 +103,7 @@ class _Segment:
     label: int = 0           # working index 1..n (caudal -> cranial)
     name: str = ""
     ribs: int = 0
+    rib_stubs: int = 0       # ribs cut short by the scan's end (evidence for a guess, not an anchor)
     flags: list = field(default_factory=list)
 
 
@@ -331,8 +338,46 @@ def _curve_coordinates(cz, cy, cx, sp):
     return s, t
 
 
-def _find_discs(prof: np.ndarray, sp: float) -> list[int]:
-    """Disc positions (profile bins) = minima of the body-bone profile along the centreline."""
+def _binned_percentile(values: np.ndarray, bins: np.ndarray, nb: int, q: float) -> np.ndarray:
+    """q-th percentile of values per bin (NaN where a bin holds under a quarter of the typical
+    count: the slab only grazes the bodies there)."""
+    cnt = np.bincount(bins, minlength=nb)
+    out = np.full(nb, np.nan)
+    if values.size == 0:
+        return out
+    order = np.lexsort((values, bins))
+    start = np.concatenate([[0], np.cumsum(cnt)[:-1]])
+    ok = cnt >= max(1.0, 0.25 * np.median(cnt[cnt > 0]))
+    out[ok] = values[order][start[ok] + np.floor(q / 100.0 * (cnt[ok] - 1)).astype(int)]
+    return out
+
+
+def _endplate_valleys(low: np.ndarray, sp: float):
+    """Per profile bin: how much darker it is than the brightest bins within ENDPLATE_REACH_MM on
+    both sides (the weaker side counts), best over the slab tilts, and that tilt's index. A disc
+    is a thin dark band between two sclerotic endplates; the marrow in mid-body is darker than
+    the endplates too, but they lie much further away than a disc's half-thickness."""
+    k = max(2, int(round(ENDPLATE_REACH_MM / sp)))
+    nt, nb = low.shape
+    pad = np.full((nt, k), np.nan)
+    padded = np.concatenate([pad, low, pad], axis=1)
+    win = np.lib.stride_tricks.sliding_window_view(padded, 2 * k + 1, axis=1)   # (nt, nb, 2k+1)
+    lo_fill = np.where(np.isnan(win), -np.inf, win)     # missing bins: no endplate, no floor
+    left = lo_fill[..., :k].max(axis=-1)
+    right = lo_fill[..., k + 1:].max(axis=-1)
+    near = np.where(np.isnan(win), np.inf, win)[..., k - 1:k + 2].min(axis=-1)
+    with np.errstate(invalid="ignore"):
+        score = np.minimum(left, right) - low
+        # only at the valley floor (the darkest of its immediate neighbours)
+        score[~(low <= near)] = -np.inf
+    score = np.where(np.isfinite(score), score, -np.inf)
+    best = np.argmax(score, axis=0)
+    return score[best, np.arange(nb)], best
+
+
+def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None):
+    """Disc positions (profile bins) = minima of the body-bone profile along the centreline, and
+    the subset seen only as a dark band between endplates (`valley`, see _endplate_valleys)."""
     bw = sp
     nb = len(prof)
     ref = np.percentile(prof[prof > 0], 75) if np.any(prof > 0) else 1.0
@@ -355,6 +400,22 @@ def _find_discs(prof: np.ndarray, sp: float) -> list[int]:
         if all(abs(p - q) * bw >= MIN_VERTEBRA_MM for q in chosen):
             chosen.append(p)
     chosen.sort()
+    # A thin disc between sclerotic endplates (common in the thoracic spine and with age) may hold
+    # as much bone-bright signal as the marrow around it, so the density profile shows no minimum.
+    # Such bands are taken where no density minimum is sure; elsewhere they may fill a gap where
+    # the disc spacing expects a disc (below).
+    endplate: list[int] = []
+    if valley is not None:
+        cand, _ = find_peaks(np.where(np.isfinite(valley), valley, -1e9), height=ENDPLATE_CONTRAST_HU,
+                             distance=max(1, int(round(6.0 / bw))))
+        endplate = [int(p) for p in cand if 2 <= p <= nb - 3]
+    endplate_only: list[int] = []
+    if not chosen:
+        for p in sorted(endplate, key=lambda p: -valley[p]):
+            if all(abs(p - q) * bw >= MIN_VERTEBRA_MM for q in chosen):
+                chosen.append(p)
+                endplate_only.append(p)
+        chosen.sort()
 
     def pitch_near(a, b):
         """Typical disc spacing near the interval (a, b), from the other intervals."""
@@ -391,7 +452,7 @@ def _find_discs(prof: np.ndarray, sp: float) -> list[int]:
                 weak.remove(best)
                 changed = True
                 break
-    return chosen
+    return chosen, endplate_only
 
 
 # --- naming ------------------------------------------------------------------------------------
@@ -583,27 +644,39 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     nb = int(np.ceil((s_hi - s_lo) / sp)) + 1
     # Weight by density: a tilted disc cut axially looks like a bone ring and gets filled, but
     # its content (~85 HU) is darker than the bodies' trabecular bone.
-    w_body = np.clip(hu_s[zb, yb, xb] - 50.0, 10.0, 150.0)
+    hu_body = hu_s[zb, yb, xb]
+    w_body = np.clip(hu_body - 50.0, 10.0, 150.0)
     profiles = []
+    low_profiles = []
     for deg in TILTS_DEG:
         n_t = tilted(t_z[zb], deg)
         sv = s_z[zb] + np.sum(off * n_t, axis=1) / np.maximum(np.sum(t_z[zb] * n_t, axis=1), 0.5)
         bins = np.clip(((sv - s_lo) / sp).astype(int), 0, nb - 1)
         profiles.append(ndi.gaussian_filter1d(np.bincount(bins, weights=w_body, minlength=nb), 0.75))
+        low = _binned_percentile(hu_body, bins, nb, ENDPLATE_PERCENTILE)
+        # A tilted slab cut by an end of the field of view samples only part of the body: its
+        # percentile is not comparable with the others (a false endplate at the scan's end).
+        spread = float(np.percentile(np.abs(sv - s_z[zb]), 95)) if zb.size else 0.0
+        centre = s_lo + (np.arange(nb) + 0.5) * sp
+        low[(centre - spread < s_z[zb].min()) | (centre + spread > s_z[zb].max())] = np.nan
+        low_profiles.append(low)
     profiles = np.array(profiles)
     prof = profiles.min(axis=0)
     # Trim the empty margins so end effects do not create discs.
     nzb = np.nonzero(prof > 0.02 * prof.max())[0]
     b0, b1 = nzb.min(), nzb.max() + 1
-    disc_bins = _find_discs(prof[b0:b1], sp)
+    valley, valley_tilt = _endplate_valleys(np.array(low_profiles)[:, b0:b1], sp)
+    disc_bins, endplate_only = _find_discs(prof[b0:b1], sp, valley)
     disc_bins = [d + b0 for d in disc_bins]
+    endplate_only = {d + b0 for d in endplate_only}
     planes = []   # (point zyx in voxels, unit normal zyx)
     arch_planes = []
     for d in disc_bins:
         s_d = s_lo + (d + 0.5) * sp
         zf = float(np.interp(s_d, s_z, np.arange(nz)))
         zi = int(round(min(max(zf, 0), nz - 1)))
-        deg = TILTS_DEG[int(np.argmin(profiles[:, d]))]
+        # (a disc seen only as a dark band between endplates: the tilt that shows it best)
+        deg = TILTS_DEG[int(valley_tilt[d - b0]) if d in endplate_only else int(np.argmin(profiles[:, d]))]
         n_d = tilted(t_z[zi], deg)
         planes.append((np.array([zf, by[zi], bx[zi]]), n_d / np.linalg.norm(n_d)))
         # Behind the body the untilted normal: a tilted disc plane (L5/S1) extended backwards
@@ -684,9 +757,12 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # --- anchors -----------------------------------------------------------------------------
     report(progress, 0.8, "builtin: naming levels")
     ribs = _find_ribs(segs, vert, bodies, bone, box, dx, sp)
+    dyc = (np.arange(ny)[None, :, None] - canal["cy"][:, None, None]) * sp
+    _find_rib_stubs(segs, vert, bodies, dx, dyc, sp)
+    del dyc
     # Rib heads and necks inside the column box belong to the ribs: thoracic vertebrae are
     # narrower than the box (transverse processes end about 30 mm from the midline).
-    ribbed = [i for i, sg in enumerate(segs) if sg.ribs > 0]
+    ribbed = [i for i, sg in enumerate(segs) if sg.ribs > 0 or sg.rib_stubs > 0]
     if ribbed:
         is_thoracic = np.zeros(256, bool)
         for sg in segs[min(ribbed):]:
@@ -710,9 +786,11 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     uncertain = False
     n = len(segs)
     rib_idx = [i for i, sg in enumerate(segs) if sg.ribs > 0]
+    # Ribs cut short by the scan's end: a rib-bearing vertebra for a guess, not an anchor.
+    any_rib_idx = [i for i, sg in enumerate(segs) if sg.ribs > 0 or sg.rib_stubs > 0]
     # The lowest rib-bearing vertebra is T12 only when a rib-free vertebra is seen below it.
     t12 = None
-    if rib_idx and rib_idx[0] > (0 if sacrum_seg is None else 1):
+    if rib_idx and rib_idx[0] > (0 if sacrum_seg is None else 1) and any_rib_idx[0] == rib_idx[0]:
         t12 = rib_idx[0]
     names: list[str]
     confidence = 0.95
@@ -743,7 +821,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     else:
         uncertain = True
         confidence = 0.2
-        names = _guess_names(segs, rib_idx, n)
+        names = _guess_names(segs, any_rib_idx, n)
         warnings.append("no anatomical anchor (sacrum or last rib) in view; level names are a guess")
 
     # --- labels in VerSe ids on the native grid ------------------------------------------------
@@ -783,7 +861,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
             "method": "builtin: canal tracking, disc profile, marker watershed (no trained weights)",
             "working_spacing_mm": sp,
             "anchors": {"sacrum": sacrum_seg is not None, "last_rib_T12": t12 is not None,
-                        "rib_bearing_levels": [sg.name for sg in segs if sg.ribs > 0 and sg.name]},
+                        "rib_bearing_levels": [sg.name for sg in segs if (sg.ribs > 0 or sg.rib_stubs > 0) and sg.name]},
         },
     )
 
@@ -915,6 +993,57 @@ def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
     return ribs
 
 
+def _find_rib_stubs(segs, vert, bodies, dx, dyc, sp):
+    """Count ribs cut short by the caudal end of the scan (a thin slab at the thoracolumbar
+    junction): a rib descends laterally from its head beside the pedicle, so in view it is a bar
+    of the vertebra's bone that leaves the scan's caudal end well lateral of the arch, as a
+    separate cross-section there, and rises medially towards its head. The outside-the-box
+    test of _find_ribs cannot see it (the piece in view stays inside the column box). Lumbar
+    transverse processes run level and join their arch in the same slice; articular processes
+    stay medial. Counted in segs[].rib_stubs, for the vertebra nearest in height to the head."""
+    nz = vert.shape[0]
+    adx = np.abs(np.broadcast_to(dx, vert.shape))
+    ke = max(1, int(round(4.0 / sp)))           # the end slab: the last few mm of the scan
+    centre_z = {}
+    for sg in segs:
+        zz = np.nonzero(bodies == sg.label)[0]
+        if zz.size:
+            centre_z[sg.label] = float(zz.mean())
+    if not centre_z or nz <= 2 * ke:
+        return
+    lateral = (vert > 0) & (adx >= RIB_STUB_MIN_MM) & (np.broadcast_to(dyc, vert.shape) > -10.0)
+    lab, n = ndi.label(lateral)
+    # In-plane pieces of vertebra bone in the end slab that reach medial of the rib zone: these
+    # are the arch, or a transverse process joined to it.
+    end_lab, _ = ndi.label(vert[:ke] > 0, structure=_SLICE8)
+    joined = np.unique(end_lab[(end_lab > 0) & (adx[:ke] < RIB_STUB_MIN_MM)])
+    for i, o in enumerate(ndi.find_objects(lab)):
+        if o is None or o[0].start >= ke:
+            continue
+        m = lab[o] == i + 1
+        zz = np.nonzero(m)[0] + o[0].start
+        a = adx[o][m]
+        at_end = zz < ke
+        end_part = np.zeros(vert.shape, bool)
+        end_part[o] = m
+        end_part[ke:] = False
+        end_part[:ke] &= adx[:ke] >= RIB_STUB_END_MM
+        if not end_part.any():
+            continue
+        if np.isin(end_lab[end_part[:ke]], joined).any():
+            continue
+        medial = a < RIB_STUB_MIN_MM + 5.0
+        if not medial.any() or (zz[medial].mean() - zz[at_end].mean()) * sp < RIB_STUB_RISE_MM:
+            continue
+        z_root = float(zz[medial].mean())
+        label = min(centre_z, key=lambda k: abs(centre_z[k] - z_root))
+        if abs(centre_z[label] - z_root) * sp > 25.0:
+            continue
+        for sg in segs:
+            if sg.label == label:
+                sg.rib_stubs += 1
+
+
 def _find_sacrum(segs, vert, dx, anterior):
     """Index of the lowest segment if it is the sacrum (wide alae lateral to the body)."""
     if len(segs) < 2:
@@ -976,7 +1105,7 @@ def _records(segs, vert, bodies, image, grid, confidence, uncertain):
             flags.append("truncated")
         if uncertain:
             flags.append("label_uncertain")
-        if sg.ribs:
+        if sg.ribs or sg.rib_stubs:
             flags.append("rib_bearing")
         out.append(LevelRecord(name=sg.name, verse_id=vid, present=True, complete=truncated is None,
                                truncated=truncated, confidence=confidence, voxels=int(counts[vid]),
