@@ -268,11 +268,13 @@ def test_real_ct_bodies_are_whole_for_morphometry(abdomen):
         assert a.genant_grade == b.genant_grade, (name, a.genant_grade, b.genant_grade)
 
 
-def test_short_dicom_slab_without_anchor_is_flagged():
-    # 20 slices x 2 mm at T11/T12 (TotalSegmentator: T12 whole, T11 in part). No sacrum and no
-    # rib root in view: the names are a guess and must say so. The target (T11 and T12
-    # separated and named) is not met: the T11/T12 disc is not darker than the marrow here and
-    # the slab is segmented as one vertebra that covers TotalSegmentator's T12.
+def test_short_dicom_slab_split_into_t12_t11_and_flagged():
+    # 20 slices x 2 mm at T11/T12 (TotalSegmentator: T12 whole, T11 in part, mostly its posterior
+    # elements). The thin T11/T12 disc holds as much bone-bright signal as the marrow (no density
+    # minimum); it is found as the dark band between the two sclerotic endplates. The 12th ribs
+    # leave the slab's caudal end beside the T12 arch (rib stubs), so the lowest vertebra is
+    # rib-bearing; with no sacrum and no rib-free vertebra below (L1 is not in view) the names
+    # are the no-anchor guess T12/T11 and must say so.
     folder = DATA / "ct_dicom_2mm"
     if not folder.exists():
         pytest.skip("../shared/data/ct_dicom_2mm is not available")
@@ -281,11 +283,21 @@ def test_short_dicom_slab_without_anchor_is_flagged():
     ct = read_image(folder / "dicom")
     ref = lv.to_verse(resample_to(read_image(folder / "ts_total.nii.gz"), ct).array, "totalsegmentator_total")
     res = segment_builtin(ct)
+    assert [r.name for r in res.levels] == ["T11", "T12"]
     assert res.labels_uncertain
-    assert res.levels and all("label_uncertain" in r.flags for r in res.levels)
-    t12 = ref == lv.level_id("T12")
-    covered = float((res.vertebrae.array[t12] > 0).mean())
-    assert covered >= 0.75, covered   # measured 0.77 (the rest: TS's partial-volume rim, rib heads)
+    assert all("label_uncertain" in r.flags for r in res.levels)
+    assert "rib_bearing" in res.levels[1].flags
+    pred = res.vertebrae.array
+    d12 = dice(pred == lv.level_id("T12"), ref == lv.level_id("T12"))
+    d11 = dice(pred == lv.level_id("T11"), ref == lv.level_id("T11"))
+    # measured T12 0.622, T11 0.271 (TS's T11 is mostly posterior elements that overlap T12 in
+    # height and go to T12 here; the contrast aorta at ~150 HU touching the bodies stays in)
+    assert d12 >= 0.60, d12
+    assert d11 >= 0.25, d11
+    # (TS T12 covered by some label: 0.740; 0.753 before the disc band was carved out, which TS's
+    # coarse labels count partly as T12)
+    covered = float((pred[ref == lv.level_id("T12")] > 0).mean())
+    assert covered >= 0.72, covered
 
 
 def test_min_levels_is_enforced():

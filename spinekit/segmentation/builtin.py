@@ -455,6 +455,34 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
     return chosen, endplate_only
 
 
+def _carve_disc(column, anterior, hu_s, low, d, plane, sp):
+    """Take a disc seen only between its endplates out of the column (in place): its content is
+    as bright as marrow, so it was filled in as bone. The disc = the profile bins around `d`
+    darker than half-way from the valley floor to the endplates; there, body voxels darker
+    than the dimmer endplate go (the bright rim of the ring apophysis stays)."""
+    k = max(2, int(round(ENDPLATE_REACH_MM / sp)))
+    left = np.nanmax(low[max(0, d - k):d]) if np.isfinite(low[max(0, d - k):d]).any() else np.nan
+    right = np.nanmax(low[d + 1:d + 1 + k]) if np.isfinite(low[d + 1:d + 1 + k]).any() else np.nan
+    endplate_hu = min(left, right)
+    if not np.isfinite(endplate_hu) or not np.isfinite(low[d]):
+        return
+    half = 0.5 * (low[d] + endplate_hu)
+    lo_b = d
+    while lo_b - 1 >= max(0, d - k) and np.isfinite(low[lo_b - 1]) and low[lo_b - 1] < half:
+        lo_b -= 1
+    hi_b = d
+    while hi_b + 1 <= min(len(low) - 1, d + k) and np.isfinite(low[hi_b + 1]) and low[hi_b + 1] < half:
+        hi_b += 1
+    pnt, nrm = plane
+    reach = (max(d - lo_b, hi_b - d) + 1) * sp
+    zs = slice(max(0, int(np.floor(pnt[0] - reach / sp)) - 2), int(np.ceil(pnt[0] + reach / sp)) + 3)
+    z, y, x = np.nonzero(column[zs] & anterior[zs])
+    z = z + zs.start
+    dist = (np.stack([z, y, x], axis=1) - pnt) @ nrm * sp
+    band = (dist >= (lo_b - d - 0.5) * sp) & (dist <= (hi_b - d + 0.5) * sp) & (hu_s[z, y, x] < endplate_hu)
+    column[z[band], y[band], x[band]] = False
+
+
 # --- naming ------------------------------------------------------------------------------------
 def _names_from(anchor_index: int, anchor_name: str, n: int) -> list[str]:
     """Names for segments 0..n-1 (caudal -> cranial) given one anchored segment."""
@@ -665,7 +693,8 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # Trim the empty margins so end effects do not create discs.
     nzb = np.nonzero(prof > 0.02 * prof.max())[0]
     b0, b1 = nzb.min(), nzb.max() + 1
-    valley, valley_tilt = _endplate_valleys(np.array(low_profiles)[:, b0:b1], sp)
+    low_profiles = np.array(low_profiles)
+    valley, valley_tilt = _endplate_valleys(low_profiles[:, b0:b1], sp)
     disc_bins, endplate_only = _find_discs(prof[b0:b1], sp, valley)
     disc_bins = [d + b0 for d in disc_bins]
     endplate_only = {d + b0 for d in endplate_only}
@@ -682,6 +711,8 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         # Behind the body the untilted normal: a tilted disc plane (L5/S1) extended backwards
         # would rise through the arch of the vertebra above.
         arch_planes.append((np.array([zf, by[zi], bx[zi]]), t_z[zi] / np.linalg.norm(t_z[zi])))
+        if d in endplate_only:
+            _carve_disc(column, anterior, hu_s, low_profiles[int(valley_tilt[d - b0])], d, planes[-1], sp)
 
     def segment_index(z, y, x):
         idx = np.zeros(z.size, np.int32)
