@@ -1032,38 +1032,46 @@ def _find_rib_stubs(segs, vert, bodies, dx, dyc, sp):
     test of _find_ribs cannot see it (the piece in view stays inside the column box). Lumbar
     transverse processes run level and join their arch in the same slice; articular processes
     stay medial. Counted in segs[].rib_stubs, for the vertebra nearest in height to the head."""
-    nz = vert.shape[0]
-    adx = np.abs(np.broadcast_to(dx, vert.shape))
     ke = max(1, int(round(4.0 / sp)))           # the end slab: the last few mm of the scan
+    # Only the caudal part of the scan can hold such a rib with its head (about one vertebra).
+    zc = min(vert.shape[0], ke + int(round(60.0 / sp)))
+    if vert.shape[0] <= 2 * ke or not (vert[:ke] > 0).any():
+        return
     centre_z = {}
+    zb = np.nonzero(bodies.any(axis=(1, 2)))[0]
     for sg in segs:
-        zz = np.nonzero(bodies == sg.label)[0]
+        zz = np.nonzero(bodies[:zc + int(round(25.0 / sp))] == sg.label)[0]
         if zz.size:
             centre_z[sg.label] = float(zz.mean())
-    if not centre_z or nz <= 2 * ke:
+    if not centre_z or zb.size == 0:
         return
-    lateral = (vert > 0) & (adx >= RIB_STUB_MIN_MM) & (np.broadcast_to(dyc, vert.shape) > -10.0)
+    v = vert[:zc] > 0
+    adx = np.abs(dx[:zc])                        # (z, 1, x): broadcast, not materialised
+    lateral = v & (adx >= RIB_STUB_MIN_MM) & (dyc[:zc] > -10.0)
     lab, n = ndi.label(lateral)
-    # In-plane pieces of vertebra bone in the end slab that reach medial of the rib zone: these
-    # are the arch, or a transverse process joined to it.
-    end_lab, _ = ndi.label(vert[:ke] > 0, structure=_SLICE8)
+    if n == 0:
+        return
+    # In-plane pieces of vertebra bone in the end slab that reach medial of the rib zone: the
+    # arch, or a transverse process joined to it.
+    end_lab, _ = ndi.label(v[:ke], structure=_SLICE8)
     joined = np.unique(end_lab[(end_lab > 0) & (adx[:ke] < RIB_STUB_MIN_MM)])
     for i, o in enumerate(ndi.find_objects(lab)):
         if o is None or o[0].start >= ke:
             continue
         m = lab[o] == i + 1
+        a = np.broadcast_to(adx[o[0], :, o[2]], m.shape)
         zz = np.nonzero(m)[0] + o[0].start
-        a = adx[o][m]
+        am = a[m]
+        # its cross-section at the scan's end: well lateral, and not joined to the arch there
+        tip = m & (a >= RIB_STUB_END_MM)
+        tip[max(0, ke - o[0].start):] = False
+        if not tip.any():
+            continue
+        ez = slice(o[0].start, min(ke, o[0].stop))
+        if np.isin(end_lab[ez, o[1], o[2]][tip[:ez.stop - ez.start]], joined).any():
+            continue
+        medial = am < RIB_STUB_MIN_MM + 5.0
         at_end = zz < ke
-        end_part = np.zeros(vert.shape, bool)
-        end_part[o] = m
-        end_part[ke:] = False
-        end_part[:ke] &= adx[:ke] >= RIB_STUB_END_MM
-        if not end_part.any():
-            continue
-        if np.isin(end_lab[end_part[:ke]], joined).any():
-            continue
-        medial = a < RIB_STUB_MIN_MM + 5.0
         if not medial.any() or (zz[medial].mean() - zz[at_end].mean()) * sp < RIB_STUB_RISE_MM:
             continue
         z_root = float(zz[medial].mean())
