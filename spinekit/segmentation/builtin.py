@@ -15,11 +15,14 @@ Pipeline (all on an internal axis-aligned LPS grid of 1.5-2 mm, labels mapped ba
    anterior to the canal's anterior wall;
 5. discs = deep minima of the density-weighted body profile along the body centreline, over
    slabs tilted -30..30 degrees (the L5/S1 disc), gaps filled where the disc spacing expects one;
+   where no disc is sure (a short slab), thin dark bands between two bright endplates in a
+   low-percentile HU profile (a thin disc as bright as marrow), carved out of the column;
 6. bodies split by the disc planes; posterior elements joined to their body by a marker
    watershed over the inverted distance map (pedicles are thick, facet contacts thin);
 7. names from anchors: sacrum (solid alae lateral to the lowest segment) -> L5, lowest
    rib-bearing vertebra with a rib-free one below -> T12; both -> lumbar from the sacrum,
-   thoracic from the ribs, conflicts flagged; no anchor -> a guess marked uncertain;
+   thoracic from the ribs, conflicts flagged; no anchor -> a guess marked uncertain (ribs cut
+   short by the scan's caudal end count for the guess, never as an anchor);
 8. rib heads/necks are given back to the ribs, and on fine native grids the outlines are
    redrawn from native HU.
 """
