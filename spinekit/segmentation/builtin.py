@@ -405,8 +405,8 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
     chosen.sort()
     # A thin disc between sclerotic endplates (common in the thoracic spine and with age) may hold
     # as much bone-bright signal as the marrow around it, so the density profile shows no minimum.
-    # Such bands are taken where no density minimum is sure; elsewhere they may fill a gap where
-    # the disc spacing expects a disc (below).
+    # Such bands are taken only where no density minimum is sure (a short slab); with sure discs
+    # in view the density profile and the disc spacing decide, as before.
     endplate: list[int] = []
     if valley is not None:
         cand, _ = find_peaks(np.where(np.isfinite(valley), valley, -1e9), height=ENDPLATE_CONTRAST_HU,
@@ -1040,13 +1040,11 @@ def _find_rib_stubs(segs, vert, bodies, dx, dyc, sp):
     zc = min(vert.shape[0], ke + int(round(60.0 / sp)))
     if vert.shape[0] <= 2 * ke or not (vert[:ke] > 0).any():
         return
-    centre_z = {}
-    zb = np.nonzero(bodies.any(axis=(1, 2)))[0]
-    for sg in segs:
-        zz = np.nonzero(bodies[:zc + int(round(25.0 / sp))] == sg.label)[0]
-        if zz.size:
-            centre_z[sg.label] = float(zz.mean())
-    if not centre_z or zb.size == 0:
+    # body centres in height (middle of each body's extent)
+    boxes = ndi.find_objects(bodies)
+    centre_z = {sg.label: 0.5 * (boxes[sg.label - 1][0].start + boxes[sg.label - 1][0].stop - 1)
+                for sg in segs if sg.label - 1 < len(boxes) and boxes[sg.label - 1] is not None}
+    if not centre_z:
         return
     v = vert[:zc] > 0
     adx = np.abs(dx[:zc])                        # (z, 1, x): broadcast, not materialised
