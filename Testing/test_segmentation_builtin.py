@@ -300,6 +300,48 @@ def test_short_dicom_slab_split_into_t12_t11_and_flagged():
     assert covered >= 0.72, covered
 
 
+def test_thin_disc_between_endplates_is_found_without_a_density_minimum():
+    from spinekit.segmentation.builtin import _endplate_valleys, _find_discs
+
+    sp = 1.5
+    # Low-percentile HU along a 40 mm slab: marrow 120 HU, sclerotic endplates 160-200 HU around
+    # a thin disc (85 HU) at bin 20; the mid-body marrow between endplates 15 mm apart is no disc.
+    low = np.full(28, 120.0)
+    low[[4, 5, 16, 17]] = 160.0
+    low[[18, 23]] = 200.0
+    low[[19, 21, 22]] = 100.0
+    low[20] = 85.0
+    low[:2] = np.nan
+    score, _ = _endplate_valleys(np.stack([low, low + 5.0]), sp)
+    assert score[20] >= 40.0
+    assert np.all(score[6:16] < 40.0)
+    # the density profile has no minimum there (the disc is as bright as marrow) ...
+    prof = np.full(28, 1.0)
+    discs, endplate_only = _find_discs(prof, sp, score)
+    assert discs == [20] and endplate_only == [20]
+    # ... and a sure density minimum keeps the endplate bands out
+    prof[10] = 0.1
+    discs, endplate_only = _find_discs(prof, sp, score)
+    assert discs == [10] and endplate_only == []
+
+
+def test_short_lumbar_slab_has_no_ribs():
+    # A 40 mm slab across L2/L3 (phantom, no anchor in view): lumbar transverse processes cut by
+    # the slab's ends must not pass for ribs cut short.
+    ph = _phantom()
+    img = ph.image
+    zz = np.nonzero((ph.vertebrae.array == lv.level_id("L3")).any(axis=(1, 2)))[0]
+    lo = int(zz.mean())
+    hi = lo + int(round(40.0 / img.spacing_mm[2]))
+    origin = np.asarray(img.origin_mm) + img.direction @ np.array([0.0, 0.0, lo * img.spacing_mm[2]])
+    sub = Image(np.ascontiguousarray(img.array[lo:hi]), spacing_mm=img.spacing_mm, origin_mm=tuple(origin),
+                direction=img.direction, metadata=img.metadata)
+    res = segment_builtin(sub)
+    assert len(res.levels) == 2
+    assert res.labels_uncertain
+    assert not any("rib_bearing" in r.flags for r in res.levels)
+
+
 def test_min_levels_is_enforced():
     ph = _phantom(first_level="L3", last_level="L5")
     res = segment_builtin(ph.image, min_levels=3)
