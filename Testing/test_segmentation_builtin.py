@@ -294,10 +294,9 @@ def test_short_dicom_slab_split_into_t12_t11_and_flagged():
     # height and go to T12 here; the contrast aorta at ~150 HU touching the bodies stays in)
     assert d12 >= 0.60, d12
     assert d11 >= 0.25, d11
-    # (TS T12 covered by some label: 0.740; 0.753 before the disc band was carved out, which TS's
-    # coarse labels count partly as T12)
-    covered = float((pred[ref == lv.level_id("T12")] > 0).mean())
-    assert covered >= 0.72, covered
+    # (The coverage check this test made while the slab came out as one vertebra is replaced by
+    # the per-level Dice above; the bench still prints it: 0.740, the carved disc band is partly
+    # T12 in TS's coarse labels.)
 
 
 def test_thin_disc_between_endplates_is_found_without_a_density_minimum():
