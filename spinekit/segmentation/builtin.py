@@ -83,6 +83,7 @@ BODY_CLOSING_MM = 4.0    # gaps in a body's cortical ring bridged before filling
 THORACIC_HALF_WIDTH_MM = 30.0       # transverse process tips of T1-T12
 THORACIC_BODY_HALF_WIDTH_MM = 22.0  # thoracic bodies; rib heads sit just lateral
 RIB_HEAD_MIN_MM = 15.0              # rib heads articulate this far from the midline
+RIB_VIEW_BELOW_HEAD_MM = 30.0  # scan reach below a rib head that shows its rib leaving the column
 RIB_MAX_MM3 = 60000.0    # bigger bone pieces beside the column are pelvis / shoulder girdle
 RIB_STUB_MIN_MM = 25.0   # rib necks run lateral of the pedicles and articular processes
 RIB_STUB_END_MM = 35.0   # ... and lie this far out where the scan's caudal end cuts them
@@ -823,9 +824,19 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # Ribs cut short by the scan's end: a rib-bearing vertebra for a guess, not an anchor.
     any_rib_idx = [i for i, sg in enumerate(segs) if sg.ribs > 0 or sg.rib_stubs > 0]
     # The lowest rib-bearing vertebra is T12 only when a rib-free vertebra is seen below it.
+    # ... and only when the scan reaches far enough below that one's rib heads (at the top of its
+    # body) to show a rib leaving the column: ribs descend laterally from their heads, so a
+    # vertebra cut short by the scan's caudal end may hide its ribs, and a thoracic slab would
+    # be named T12/L1 with confidence.
     t12 = None
     if rib_idx and rib_idx[0] > (0 if sacrum_seg is None else 1) and any_rib_idx[0] == rib_idx[0]:
-        t12 = rib_idx[0]
+        below = segs[rib_idx[0] - 1].label
+        zz = np.nonzero((bodies == below).any(axis=(1, 2)))[0]
+        if zz.size and zz.max() * sp >= RIB_VIEW_BELOW_HEAD_MM:
+            t12 = rib_idx[0]
+        else:
+            warnings.append("the vertebra below the lowest rib-bearing one is cut by the field of view; "
+                            "its ribs may be out of view, so the last rib is not confirmed")
     names: list[str]
     confidence = 0.95
     if sacrum_seg is not None and t12 is not None:
