@@ -71,6 +71,7 @@ VESSEL_HU = (160.0, 520.0)  # contrast-filled aorta (arterial phase up to ~350-4
 VESSEL_MIN_LENGTH_MM = 70.0  # the aorta runs past several levels; a body ends at its discs
 VESSEL_ERODE = 1         # in-plane erosion that cuts a vessel's contact with the bodies
 VESSEL_MAX_AREA_MM2 = 700.0  # larger cross-sections are vessel merged with a body: kept
+BLOOD_POOL_RADIUS_MM = 20.0  # a ball this size fits in heart chambers, not in a vertebral body
 PEDICLE_BAND_MM = 25.0   # pedicles / laminae: beside and just behind the canal
 PEDICLE_CLEARANCE_MM = 5.0  # ... seeded only this far from a disc plane
 BODY_CLOSING_MM = 4.0    # gaps in a body's cortical ring bridged before filling
@@ -476,11 +477,19 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         del shell
     front_mm = (canal["front"][:, None, None] - canal["cy"][:, None, None]) * sp  # negative
     anterior = dy < front_mm
+    # Contrast-filled heart chambers (and aneurysms) touching the thoracic bodies: blood pools
+    # too thick to be bone (a ball no vertebral body can hold, discs cut bodies in height).
+    pool = _blood_pools(hu_s, body, canal, front_mm, z_lo, z_hi, sp)
+    column &= ~pool
     # A contrast-filled aorta touching the bodies: smooth, homogeneous (no bright cortex) and
     # continuous over many levels, where bodies are interrupted by discs.
     vessel = np.zeros_like(column)
     zone = anterior & box & (dy < front_mm - 4.0)
     cand = (hu_s > VESSEL_HU[0]) & (hu_s < VESSEL_HU[1]) & zone
+    cand &= ~pool
+    # (a vessel running into a pool keeps only part of its cross-section there)
+    pool_edge = ndi.binary_dilation(pool, structure=_SLICE, iterations=2) & ~pool
+    del pool
     # One in-plane erosion cuts the thin contacts between the vessel and the bodies.
     cand_full = cand
     cand = ndi.binary_erosion(cand, structure=_SLICE, iterations=VESSEL_ERODE)
@@ -505,10 +514,13 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                 # holding body bone straddles the midline).
                 good = ((per_slice >= 60.0) & (per_slice <= VESSEL_MAX_AREA_MM2)
                         & (mid_vox.sum(axis=(1, 2)) * sp * sp < 0.35 * np.maximum(per_slice, 1.0)))
-                # ... of the tube's own size (a partly merged slice is bigger).
+                # ... of the tube's own size (a partly merged slice is bigger; a smaller one is the
+                # tube partly hidden in a blood pool).
                 if good.any():
                     ref_area = float(np.median(per_slice[good]))
-                    good &= np.abs(per_slice - ref_area) < 0.3 * ref_area
+                    in_pool = (comp & pool_edge[o]).any(axis=(1, 2))
+                    good &= (np.abs(per_slice - ref_area) < 0.3 * ref_area) | (
+                        in_pool & (per_slice < 1.3 * ref_area))
                 vessel[o] |= comp & good[:, None, None]
                 # Slices where the vessel has merged with a body (too big a cross-section): the
                 # tube's cross-section carried over from the clean slices around (centre and
@@ -529,7 +541,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         if vessel.any():
             vessel = ndi.binary_dilation(vessel, structure=_SLICE, iterations=VESSEL_ERODE) & cand_full
             column &= ~vessel
-    del lab, cand, cand_full
+    del lab, cand, cand_full, pool_edge
     # Low-density bodies whose cortical ring is not closed in a slice (thin cortex, partial
     # volume): close small gaps in-plane and fill, within the body zone only.
     r = max(1, int(round(BODY_CLOSING_MM / sp)))
@@ -786,6 +798,32 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                         "rib_bearing_levels": [sg.name for sg in segs if sg.ribs > 0 and sg.name]},
         },
     )
+
+
+def _blood_pools(hu_s, body, canal, front_mm, z_lo, z_hi, sp):
+    """Contrast-enhanced blood pools in front of the column (heart chambers, aneurysms): the
+    union of balls of radius BLOOD_POOL_RADIUS_MM inside vessel-HU tissue (a morphological
+    opening by distance maps). No vertebral body holds such a ball: bodies are under 40 mm
+    tall between their discs. Returns the mask (full grid)."""
+    r_mm = BLOOD_POOL_RADIUS_MM
+    cy, cx = canal["cy"][z_lo:z_hi + 1], canal["cx"][z_lo:z_hi + 1]
+    ny, nx = hu_s.shape[1:]
+    # The column box widened by a ball's diameter, so a pool the box cuts is still seen whole.
+    y0 = max(0, int(np.floor(cy.min() - (ROI_ANTERIOR_MM + 2 * r_mm) / sp)))
+    y1 = min(ny, int(np.ceil(cy.max())) + 1)
+    x0 = max(0, int(np.floor(cx.min() - (ROI_LATERAL_MM + r_mm) / sp)))
+    x1 = min(nx, int(np.ceil(cx.max() + (ROI_LATERAL_MM + r_mm) / sp)) + 1)
+    crop = (slice(z_lo, z_hi + 1), slice(y0, y1), slice(x0, x1))
+    h = hu_s[crop]
+    dy = (np.arange(y0, y1)[None, :, None] - cy[:, None, None]) * sp
+    cand = (h > VESSEL_HU[0]) & (h < VESSEL_HU[1]) & body[crop] & (dy < front_mm[z_lo:z_hi + 1] - 4.0)
+    pool = np.zeros(hu_s.shape, bool)
+    if not cand.any():
+        return pool
+    seeds = ndi.distance_transform_edt(cand, sampling=sp) > r_mm
+    if seeds.any():
+        pool[crop] = (ndi.distance_transform_edt(~seeds, sampling=sp) <= r_mm) & cand
+    return pool
 
 
 def _fill_body_holes(vert: np.ndarray, bodies: np.ndarray) -> None:
