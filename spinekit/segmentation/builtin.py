@@ -73,7 +73,6 @@ VESSEL_MIN_LENGTH_MM = 70.0  # the aorta runs past several levels; a body ends a
 VESSEL_ERODE = 1         # in-plane erosion that cuts a vessel's contact with the bodies
 VESSEL_MAX_AREA_MM2 = 700.0  # larger cross-sections are vessel merged with a body: kept
 VESSEL_LUMEN_MARGIN_HU = 20.0  # a lumen voxel is at most this much brighter than the tube's 99th centile
-VESSEL_BRANCH_MIN_AREA_MM2 = 20.0  # an iliac artery (8-12 mm) after the in-plane erosion
 BLOOD_POOL_RADIUS_MM = 20.0  # a ball this size fits in heart chambers, not in a vertebral body
 BLOOD_CORTEX_CLEARANCE_MM = 4.5  # trabecular-HU voxels this close to the cortex are outline, not blood
 PEDICLE_BAND_MM = 25.0   # pedicles / laminae: beside and just behind the canal
@@ -539,13 +538,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                     in_pool = (comp & pool_edge[o]).any(axis=(1, 2))
                     good &= (np.abs(per_slice - ref_area) < 0.3 * ref_area) | (
                         in_pool & (per_slice < 1.3 * ref_area))
-                    # Thinner, off-midline slices of the same tube: its branches (common iliac
-                    # arteries below the bifurcation); a slice holding body bone is far larger.
-                    branch = (~good & (per_slice >= VESSEL_BRANCH_MIN_AREA_MM2) & (per_slice < ref_area)
-                              & (mid_vox.sum(axis=(1, 2)) * sp * sp < 0.35 * np.maximum(per_slice, 1.0)))
-                else:
-                    branch = np.zeros_like(good)
-                vessel[o] |= comp & (good | branch)[:, None, None]
+                vessel[o] |= comp & good[:, None, None]
                 if good.any():
                     # The lumen's own HU (contrast is uniform along the tube): brighter voxels
                     # next to it are cortex or a calcified wall, and stay.
@@ -555,7 +548,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                 # tube's cross-section carried over from the clean slices around (centre and
                 # radius interpolated), so the body's own bone stays.
                 kz = np.nonzero(good)[0]
-                bad = np.nonzero(~good & ~branch & (per_slice > 0))[0]
+                bad = np.nonzero(~good & (per_slice > 0))[0]
                 if kz.size >= 2 and bad.size:
                     cen = np.array([np.argwhere(comp[k]).mean(axis=0) for k in kz])
                     rad = np.full(kz.size, np.sqrt(ref_area / np.pi) / sp)
