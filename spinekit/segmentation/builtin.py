@@ -442,7 +442,6 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # --- column mask in a box around the canal -----------------------------------------------
     report(progress, 0.35, "builtin: vertebral column")
     bone_c = ndi.binary_closing(bone, structure=_SLICE, iterations=1) | bone
-    # Solid bone = filled cortical rings (low-density bodies) or trabecular-density voxels.
     # Blood-like voxels, candidates for the vessel tests below: contrast-phase HU, or (portal-venous
     # blood, ~150 HU, as bright as trabecular bone) trabecular HU outside the cortex, where bone
     # meets it from one side only (trabecular bone in an open cortical ring has bone in most
@@ -454,7 +453,8 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         (h > TRABECULAR_HU) & (canal["enc"][zr] < TRABECULAR_MIN_DIRS)
         & ~ndi.binary_dilation(bone_c[zr], structure=_SLICE,
                                iterations=max(1, int(round(BLOOD_CORTEX_CLEARANCE_MM / sp)))))
-    del h
+    del h, canal["enc"]
+    # Solid bone = filled cortical rings (low-density bodies) or trabecular-density voxels.
     raw = bone_c | (hu_s > TRABECULAR_HU)
     del bone_c
     column = ndi.binary_fill_holes(raw, structure=_SLICE)
@@ -495,16 +495,19 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # Contrast-filled heart chambers (and aneurysms) touching the thoracic bodies: blood pools
     # too thick to be bone (a ball no vertebral body can hold, discs cut bodies in height).
     pool = _blood_pools(blood, body, canal, front_mm, z_lo, z_hi, sp)
-    column &= ~pool
+    if pool is not None:
+        column &= ~pool
     # A contrast-filled aorta touching the bodies: smooth, homogeneous (no bright cortex) and
     # continuous over many levels, where bodies are interrupted by discs.
     vessel = np.zeros_like(column)
     zone = anterior & box & (dy < front_mm - 4.0)
     cand = blood & zone
     del blood
-    cand &= ~pool
-    # (a vessel running into a pool keeps only part of its cross-section there)
-    pool_edge = ndi.binary_dilation(pool, structure=_SLICE, iterations=2) & ~pool
+    pool_edge = np.zeros_like(cand)
+    if pool is not None:
+        cand &= ~pool
+        # (a vessel running into a pool keeps only part of its cross-section there)
+        pool_edge = ndi.binary_dilation(pool, structure=_SLICE, iterations=2) & ~pool
     del pool
     # One in-plane erosion cuts the thin contacts between the vessel and the bodies.
     cand_full = cand
@@ -828,7 +831,7 @@ def _blood_pools(blood, body, canal, front_mm, z_lo, z_hi, sp):
     """Contrast-enhanced blood pools in front of the column (heart chambers, aneurysms): the
     union of balls of radius BLOOD_POOL_RADIUS_MM inside blood-like tissue (a morphological
     opening by distance maps). No vertebral body holds such a ball: bodies are under 40 mm
-    tall between their discs. Returns the mask (full grid)."""
+    tall between their discs. Returns the mask (full grid), or None when there is none."""
     r_mm = BLOOD_POOL_RADIUS_MM
     cy, cx = canal["cy"][z_lo:z_hi + 1], canal["cx"][z_lo:z_hi + 1]
     ny, nx = blood.shape[1:]
@@ -840,12 +843,13 @@ def _blood_pools(blood, body, canal, front_mm, z_lo, z_hi, sp):
     crop = (slice(z_lo, z_hi + 1), slice(y0, y1), slice(x0, x1))
     dy = (np.arange(y0, y1)[None, :, None] - cy[:, None, None]) * sp
     cand = blood[crop] & body[crop] & (dy < front_mm[z_lo:z_hi + 1] - 4.0)
-    pool = np.zeros(blood.shape, bool)
     if not cand.any():
-        return pool
+        return None
     seeds = ndi.distance_transform_edt(cand, sampling=sp) > r_mm
-    if seeds.any():
-        pool[crop] = (ndi.distance_transform_edt(~seeds, sampling=sp) <= r_mm) & cand
+    if not seeds.any():
+        return None
+    pool = np.zeros(blood.shape, bool)
+    pool[crop] = (ndi.distance_transform_edt(~seeds, sampling=sp) <= r_mm) & cand
     return pool
 
 
