@@ -446,12 +446,13 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # blood, ~150 HU, as bright as trabecular bone) trabecular HU outside the cortex, where bone
     # meets it from one side only (trabecular bone in an open cortical ring has bone in most
     # in-plane directions). Voxels next to the cortex are left out: partial volume at the outline.
-    zr = slice(z_lo, z_hi + 1)
+    # (only in front of the canal, where the vessel tests look)
+    fc = _front_crop(canal, z_lo, z_hi, hu.shape, sp)
     blood = np.zeros(hu.shape, bool)
-    h = hu_s[zr]
-    blood[zr] = ((h > VESSEL_HU[0]) & (h < VESSEL_HU[1])) | (
-        (h > TRABECULAR_HU) & (canal["enc"][zr] < TRABECULAR_MIN_DIRS)
-        & ~ndi.binary_dilation(bone_c[zr], structure=_SLICE,
+    h = hu_s[fc]
+    blood[fc] = ((h > VESSEL_HU[0]) & (h < VESSEL_HU[1])) | (
+        (h > TRABECULAR_HU) & (canal["enc"][fc] < TRABECULAR_MIN_DIRS)
+        & ~ndi.binary_dilation(bone_c[fc], structure=_SLICE,
                                iterations=max(1, int(round(BLOOD_CORTEX_CLEARANCE_MM / sp)))))
     del h, canal["enc"]
     # Solid bone = filled cortical rings (low-density bodies) or trabecular-density voxels.
@@ -494,7 +495,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     anterior = dy < front_mm
     # Contrast-filled heart chambers (and aneurysms) touching the thoracic bodies: blood pools
     # too thick to be bone (a ball no vertebral body can hold, discs cut bodies in height).
-    pool = _blood_pools(blood, body, canal, front_mm, z_lo, z_hi, sp)
+    pool = _blood_pools(blood, body, canal, front_mm, fc, sp)
     if pool is not None:
         column &= ~pool
     # A contrast-filled aorta touching the bodies: smooth, homogeneous (no bright cortex) and
@@ -827,22 +828,30 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     )
 
 
-def _blood_pools(blood, body, canal, front_mm, z_lo, z_hi, sp):
-    """Contrast-enhanced blood pools in front of the column (heart chambers, aneurysms): the
-    union of balls of radius BLOOD_POOL_RADIUS_MM inside blood-like tissue (a morphological
-    opening by distance maps). No vertebral body holds such a ball: bodies are under 40 mm
-    tall between their discs. Returns the mask (full grid), or None when there is none."""
+def _front_crop(canal, z_lo, z_hi, shape, sp):
+    """The region in front of the canal that the vessel tests search: the column box widened
+    by a blood pool ball's diameter anteriorly and its radius laterally, so a pool the box cuts
+    is still seen whole."""
     r_mm = BLOOD_POOL_RADIUS_MM
     cy, cx = canal["cy"][z_lo:z_hi + 1], canal["cx"][z_lo:z_hi + 1]
-    ny, nx = blood.shape[1:]
-    # The column box widened by a ball's diameter, so a pool the box cuts is still seen whole.
+    ny, nx = shape[1:]
     y0 = max(0, int(np.floor(cy.min() - (ROI_ANTERIOR_MM + 2 * r_mm) / sp)))
     y1 = min(ny, int(np.ceil(cy.max())) + 1)
     x0 = max(0, int(np.floor(cx.min() - (ROI_LATERAL_MM + r_mm) / sp)))
     x1 = min(nx, int(np.ceil(cx.max() + (ROI_LATERAL_MM + r_mm) / sp)) + 1)
-    crop = (slice(z_lo, z_hi + 1), slice(y0, y1), slice(x0, x1))
-    dy = (np.arange(y0, y1)[None, :, None] - cy[:, None, None]) * sp
-    cand = blood[crop] & body[crop] & (dy < front_mm[z_lo:z_hi + 1] - 4.0)
+    return slice(z_lo, z_hi + 1), slice(y0, y1), slice(x0, x1)
+
+
+def _blood_pools(blood, body, canal, front_mm, crop, sp):
+    """Contrast-enhanced blood pools in front of the column (heart chambers, aneurysms): the
+    union of balls of radius BLOOD_POOL_RADIUS_MM inside blood-like tissue (a morphological
+    opening by distance maps) in the front crop. No vertebral body holds such a ball: bodies are
+    under 40 mm tall between their discs. Returns the mask (full grid), or None when there is none."""
+    r_mm = BLOOD_POOL_RADIUS_MM
+    zs, ys, _ = crop
+    cy = canal["cy"][zs]
+    dy = (np.arange(ys.start, ys.stop)[None, :, None] - cy[:, None, None]) * sp
+    cand = blood[crop] & body[crop] & (dy < front_mm[zs] - 4.0)
     if not cand.any():
         return None
     seeds = ndi.distance_transform_edt(cand, sampling=sp) > r_mm
