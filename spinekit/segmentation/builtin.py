@@ -74,6 +74,7 @@ VESSEL_ERODE = 1         # in-plane erosion that cuts a vessel's contact with th
 VESSEL_MAX_AREA_MM2 = 700.0  # larger cross-sections are vessel merged with a body: kept
 VESSEL_LUMEN_MARGIN_HU = 20.0  # a lumen voxel is at most this much brighter than the tube's 99th centile
 BLOOD_POOL_RADIUS_MM = 20.0  # a ball this size fits in heart chambers, not in a vertebral body
+BLOOD_POOL_RIM_VOX = 1   # the opening misses a pool's rim where it meets a body: grown back this far
 BLOOD_CORTEX_CLEARANCE_MM = 4.5  # trabecular-HU voxels this close to the cortex are outline, not blood
 PEDICLE_BAND_MM = 25.0   # pedicles / laminae: beside and just behind the canal
 PEDICLE_CLEARANCE_MM = 5.0  # ... seeded only this far from a disc plane
@@ -495,7 +496,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     anterior = dy < front_mm
     # Contrast-filled heart chambers (and aneurysms) touching the thoracic bodies: blood pools
     # too thick to be bone (a ball no vertebral body can hold, discs cut bodies in height).
-    pool = _blood_pools(blood, body, canal, front_mm, fc, sp)
+    pool = _blood_pools(blood, hu_s, body, canal, front_mm, fc, sp)
     if pool is not None:
         column &= ~pool
     # A contrast-filled aorta touching the bodies: smooth, homogeneous (no bright cortex) and
@@ -842,7 +843,7 @@ def _front_crop(canal, z_lo, z_hi, shape, sp):
     return slice(z_lo, z_hi + 1), slice(y0, y1), slice(x0, x1)
 
 
-def _blood_pools(blood, body, canal, front_mm, crop, sp):
+def _blood_pools(blood, hu_s, body, canal, front_mm, crop, sp):
     """Contrast-enhanced blood pools in front of the column (heart chambers, aneurysms): the
     union of balls of radius BLOOD_POOL_RADIUS_MM inside blood-like tissue (a morphological
     opening by distance maps) in the front crop. No vertebral body holds such a ball: bodies are
@@ -857,8 +858,14 @@ def _blood_pools(blood, body, canal, front_mm, crop, sp):
     seeds = ndi.distance_transform_edt(cand, sampling=sp) > r_mm
     if not seeds.any():
         return None
+    core = (ndi.distance_transform_edt(~seeds, sampling=sp) <= r_mm) & cand
+    # The opening leaves the pool's rim where it meets a body: grown back a voxel over voxels
+    # no brighter than the pool itself (the cortex is brighter and stays).
+    h = hu_s[crop]
+    lumen_max_hu = float(np.percentile(h[core], 99)) + VESSEL_LUMEN_MARGIN_HU
+    core = ndi.binary_dilation(core, structure=_SLICE, iterations=BLOOD_POOL_RIM_VOX, mask=cand & (h < lumen_max_hu))
     pool = np.zeros(blood.shape, bool)
-    pool[crop] = (ndi.distance_transform_edt(~seeds, sampling=sp) <= r_mm) & cand
+    pool[crop] = core
     return pool
 
 
