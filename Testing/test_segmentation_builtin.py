@@ -141,7 +141,7 @@ def test_arterial_aorta_touching_thoracic_bodies_is_removed():
     # cross-section is carried over from the slices where it stands free.
     # Measured T11 0.925/0.935, T12 0.914/0.916 (whole/body; 0.81/0.74 before). The lumbar levels
     # reach 0.898-0.932: L5 misses the 0.9 whole-vertebra target by 0.002 (about 200 voxels of
-    # the left common iliac artery, in slices where it has merged with the L4/L5 bodies).
+    # one common iliac artery, in slices where it has merged with the L4/L5 bodies).
     ph = _phantom(contrast_phase="arterial")
     res = segment_builtin(ph.image)
     _assert_named_and_dice(ph, res, 0.9, 0.9, levels=("T11", "T12"))
