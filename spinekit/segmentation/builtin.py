@@ -53,6 +53,7 @@ EDGE_FRACTION_COARSE = 0.4  # ... on >= 2.5 mm scans, where blur spreads the cor
 #                             vertebrae, 0.5 loses L5 0.853 -> 0.846)
 EDGE_HU = 200.0          # outline voxels darker than this are partial-volume soft tissue
 TRABECULAR_HU = 115.0    # normal trabecular bone; discs (~85 HU) and muscle stay below
+TRABECULAR_MIN_DIRS = 5  # ... and it lies inside a cortical ring: bone in most in-plane directions
 SOFT_LOW_HU = -250.0     # canal content (CSF, cord, epidural fat) lies above this
 CANAL_HIGH_HU = 60.0     # ... and below this (osteoporotic trabecular bone is ~85 HU)
 CANAL_MEAN_HU = 50.0     # mean of a canal blob after extra smoothing (noise pockets in bone fail)
@@ -77,6 +78,10 @@ VESSEL_HU = (160.0, 520.0)  # contrast-filled aorta (arterial phase up to ~350-4
 VESSEL_MIN_LENGTH_MM = 70.0  # the aorta runs past several levels; a body ends at its discs
 VESSEL_ERODE = 1         # in-plane erosion that cuts a vessel's contact with the bodies
 VESSEL_MAX_AREA_MM2 = 700.0  # larger cross-sections are vessel merged with a body: kept
+VESSEL_LUMEN_MARGIN_HU = 20.0  # a lumen voxel is at most this much brighter than the tube's 99th centile
+BLOOD_POOL_RADIUS_MM = 20.0  # a ball this size fits in heart chambers, not in a vertebral body
+BLOOD_POOL_RIM_VOX = 1   # the opening misses a pool's rim where it meets a body: grown back this far
+BLOOD_CORTEX_CLEARANCE_MM = 4.5  # trabecular-HU voxels this close to the cortex are outline, not blood
 PEDICLE_BAND_MM = 25.0   # pedicles / laminae: beside and just behind the canal
 PEDICLE_CLEARANCE_MM = 5.0  # ... seeded only this far from a disc plane
 BODY_CLOSING_MM = 4.0    # gaps in a body's cortical ring bridged before filling
@@ -329,7 +334,7 @@ def _track_canal(hu, bone, body, sp):
         for arr in (cy, cx, front):
             slope = float(np.clip(np.polyfit(zz, arr[zz], 1)[0], -1.0, 1.0))
             arr[out] = arr[ref_z] + slope * (out - ref_z)
-    return dict(cy=cy, cx=cx, rad=rad, front=front, z_lo=z0, z_hi=z1)
+    return dict(cy=cy, cx=cx, rad=rad, front=front, z_lo=z0, z_hi=z1, enc=enc)
 
 
 def _curve_coordinates(cz, cy, cx, sp):
@@ -531,6 +536,19 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # --- column mask in a box around the canal -----------------------------------------------
     report(progress, 0.35, "builtin: vertebral column")
     bone_c = ndi.binary_closing(bone, structure=_SLICE, iterations=1) | bone
+    # Blood-like voxels, candidates for the vessel tests below: contrast-phase HU, or (portal-venous
+    # blood, ~150 HU, as bright as trabecular bone) trabecular HU outside the cortex, where bone
+    # meets it from one side only (trabecular bone in an open cortical ring has bone in most
+    # in-plane directions). Voxels next to the cortex are left out: partial volume at the outline.
+    # (only in front of the canal, where the vessel tests look)
+    fc = _front_crop(canal, z_lo, z_hi, hu.shape, sp)
+    blood = np.zeros(hu.shape, bool)
+    h = hu_s[fc]
+    blood[fc] = ((h > VESSEL_HU[0]) & (h < VESSEL_HU[1])) | (
+        (h > TRABECULAR_HU) & (canal["enc"][fc] < TRABECULAR_MIN_DIRS)
+        & ~ndi.binary_dilation(bone_c[fc], structure=_SLICE,
+                               iterations=max(1, int(round(BLOOD_CORTEX_CLEARANCE_MM / sp)))))
+    del h, canal["enc"]
     # Solid bone = filled cortical rings (low-density bodies) or trabecular-density voxels.
     raw = bone_c | (hu_s > TRABECULAR_HU)
     del bone_c
@@ -569,15 +587,28 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         del shell
     front_mm = (canal["front"][:, None, None] - canal["cy"][:, None, None]) * sp  # negative
     anterior = dy < front_mm
+    # Contrast-filled heart chambers (and aneurysms) touching the thoracic bodies: blood pools
+    # too thick to be bone (a ball no vertebral body can hold, discs cut bodies in height).
+    pool = _blood_pools(blood, hu_s, body, canal, front_mm, fc, sp)
+    if pool is not None:
+        column &= ~pool
     # A contrast-filled aorta touching the bodies: smooth, homogeneous (no bright cortex) and
     # continuous over many levels, where bodies are interrupted by discs.
     vessel = np.zeros_like(column)
     zone = anterior & box & (dy < front_mm - 4.0)
-    cand = (hu_s > VESSEL_HU[0]) & (hu_s < VESSEL_HU[1]) & zone
+    cand = blood & zone
+    del blood
+    pool_edge = np.zeros_like(cand)
+    if pool is not None:
+        cand &= ~pool
+        # (a vessel running into a pool keeps only part of its cross-section there)
+        pool_edge = ndi.binary_dilation(pool, structure=_SLICE, iterations=2) & ~pool
+    del pool
     # One in-plane erosion cuts the thin contacts between the vessel and the bodies.
     cand_full = cand
     cand = ndi.binary_erosion(cand, structure=_SLICE, iterations=VESSEL_ERODE)
     lab, n = ndi.label(cand)
+    lumen_max_hu = -np.inf
     if n:
         objs = ndi.find_objects(lab)
         sizes = np.bincount(lab.ravel(), minlength=n + 1)
@@ -598,11 +629,19 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                 # holding body bone straddles the midline).
                 good = ((per_slice >= 60.0) & (per_slice <= VESSEL_MAX_AREA_MM2)
                         & (mid_vox.sum(axis=(1, 2)) * sp * sp < 0.35 * np.maximum(per_slice, 1.0)))
-                # ... of the tube's own size (a partly merged slice is bigger).
+                # ... of the tube's own size (a partly merged slice is bigger; a smaller one is the
+                # tube partly hidden in a blood pool).
                 if good.any():
                     ref_area = float(np.median(per_slice[good]))
-                    good &= np.abs(per_slice - ref_area) < 0.3 * ref_area
+                    in_pool = (comp & pool_edge[o]).any(axis=(1, 2))
+                    good &= (np.abs(per_slice - ref_area) < 0.3 * ref_area) | (
+                        in_pool & (per_slice < 1.3 * ref_area))
                 vessel[o] |= comp & good[:, None, None]
+                if good.any():
+                    # The lumen's own HU (contrast is uniform along the tube): brighter voxels
+                    # next to it are cortex or a calcified wall, and stay.
+                    lumen_max_hu = max(lumen_max_hu, float(np.percentile(
+                        hu_s[o][comp & good[:, None, None]], 99)) + VESSEL_LUMEN_MARGIN_HU)
                 # Slices where the vessel has merged with a body (too big a cross-section): the
                 # tube's cross-section carried over from the clean slices around (centre and
                 # radius interpolated), so the body's own bone stays.
@@ -618,11 +657,13 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                         c_x = np.interp(k, kz, cen[:, 1])
                         r_k = np.interp(k, kz, rad) + 0.5
                         tube = (yy_o - c_y) ** 2 + (xx_o - c_x) ** 2 <= r_k ** 2
-                        vessel[o[0].start + k, o[1], o[2]] |= tube & cand[o[0].start + k, o[1], o[2]]
+                        k_o = (o[0].start + k, o[1], o[2])
+                        vessel[k_o] |= tube & cand[k_o] & (hu_s[k_o] < lumen_max_hu)
         if vessel.any():
-            vessel = ndi.binary_dilation(vessel, structure=_SLICE, iterations=VESSEL_ERODE) & cand_full
+            vessel |= (ndi.binary_dilation(vessel, structure=_SLICE, iterations=VESSEL_ERODE) & cand_full
+                       & (hu_s < lumen_max_hu))
             column &= ~vessel
-    del lab, cand, cand_full
+    del lab, cand, cand_full, pool_edge
     # Low-density bodies whose cortical ring is not closed in a slice (thin cortex, partial
     # volume): close small gaps in-plane and fill, within the body zone only.
     r = max(1, int(round(BODY_CLOSING_MM / sp)))
@@ -909,6 +950,46 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                         "rib_bearing_levels": [sg.name for sg in segs if (sg.ribs > 0 or sg.rib_stubs > 0) and sg.name]},
         },
     )
+
+
+def _front_crop(canal, z_lo, z_hi, shape, sp):
+    """The region in front of the canal that the vessel tests search: the column box widened
+    by a blood pool ball's diameter anteriorly and its radius laterally, so a pool the box cuts
+    is still seen whole."""
+    r_mm = BLOOD_POOL_RADIUS_MM
+    cy, cx = canal["cy"][z_lo:z_hi + 1], canal["cx"][z_lo:z_hi + 1]
+    ny, nx = shape[1:]
+    y0 = max(0, int(np.floor(cy.min() - (ROI_ANTERIOR_MM + 2 * r_mm) / sp)))
+    y1 = min(ny, int(np.ceil(cy.max())) + 1)
+    x0 = max(0, int(np.floor(cx.min() - (ROI_LATERAL_MM + r_mm) / sp)))
+    x1 = min(nx, int(np.ceil(cx.max() + (ROI_LATERAL_MM + r_mm) / sp)) + 1)
+    return slice(z_lo, z_hi + 1), slice(y0, y1), slice(x0, x1)
+
+
+def _blood_pools(blood, hu_s, body, canal, front_mm, crop, sp):
+    """Contrast-enhanced blood pools in front of the column (heart chambers, aneurysms): the
+    union of balls of radius BLOOD_POOL_RADIUS_MM inside blood-like tissue (a morphological
+    opening by distance maps) in the front crop. No vertebral body holds such a ball: bodies are
+    under 40 mm tall between their discs. Returns the mask (full grid), or None when there is none."""
+    r_mm = BLOOD_POOL_RADIUS_MM
+    zs, ys, _ = crop
+    cy = canal["cy"][zs]
+    dy = (np.arange(ys.start, ys.stop)[None, :, None] - cy[:, None, None]) * sp
+    cand = blood[crop] & body[crop] & (dy < front_mm[zs] - 4.0)
+    if not cand.any():
+        return None
+    seeds = ndi.distance_transform_edt(cand, sampling=sp) > r_mm
+    if not seeds.any():
+        return None
+    core = (ndi.distance_transform_edt(~seeds, sampling=sp) <= r_mm) & cand
+    # The opening leaves the pool's rim where it meets a body: grown back a voxel over voxels
+    # no brighter than the pool itself (the cortex is brighter and stays).
+    h = hu_s[crop]
+    lumen_max_hu = float(np.percentile(h[core], 99)) + VESSEL_LUMEN_MARGIN_HU
+    core = ndi.binary_dilation(core, structure=_SLICE, iterations=BLOOD_POOL_RIM_VOX, mask=cand & (h < lumen_max_hu))
+    pool = np.zeros(blood.shape, bool)
+    pool[crop] = core
+    return pool
 
 
 def _fill_body_holes(vert: np.ndarray, bodies: np.ndarray) -> None:
