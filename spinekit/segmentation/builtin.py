@@ -860,6 +860,9 @@ def _refine_native(vert: np.ndarray, bodies: np.ndarray, image: Image, sp: float
     grown_v = ndi.grey_dilation(v, footprint=struct)
     grown_b = ndi.grey_dilation(b, footprint=struct)
     keep = inner | ((ndi.binary_dilation(fg, structure=struct) & ~inner) & (hu > NATIVE_EDGE_HU))
+    # Trabecular bone just under the cortex is darker than the outline threshold: where a kept
+    # cortical ring encloses it in-plane, the labelled voxels inside stay (no pockets in a body).
+    keep |= fg & ndi.binary_fill_holes(keep, structure=_SLICE)
     new_v = np.where(keep, np.where(fg, v, grown_v), 0).astype(np.uint8)
     # Bodies: the same outline, but only where the whole-vertebra label agrees.
     new_b = np.where(keep & (np.where(b > 0, b, grown_b) == new_v), np.where(b > 0, b, grown_b), 0)
