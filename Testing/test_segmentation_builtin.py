@@ -100,6 +100,15 @@ def test_thoracic_view_without_t12_is_marked_uncertain():
     assert len(res.levels) == len(dices)
     assert min(dices.values()) >= 0.86, dices
     assert np.median(list(dices.values())) >= 0.88, dices
+    # Bodies (with the label matched on the whole vertebra): 0.883-0.932, median 0.903 (min 0.863
+    # before the body was ended at the pedicle roots); the rest is the rim and rib heads.
+    body_dices = {}
+    for t in dices:
+        ids, counts = np.unique(res.vertebrae.array[ph.vertebrae.array == t], return_counts=True)
+        counts[ids == 0] = 0
+        best = ids[int(np.argmax(counts))]
+        body_dices[t] = dice(res.bodies.array == best, ph.bodies.array == t)
+    assert min(body_dices.values()) >= 0.875, body_dices
 
 
 def test_lumbar_view_without_sacrum_is_marked_uncertain():
