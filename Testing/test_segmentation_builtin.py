@@ -100,6 +100,15 @@ def test_thoracic_view_without_t12_is_marked_uncertain():
     assert len(res.levels) == len(dices)
     assert min(dices.values()) >= 0.86, dices
     assert np.median(list(dices.values())) >= 0.88, dices
+    # Bodies (with the label matched on the whole vertebra): 0.883-0.932, median 0.903 (min 0.863
+    # before the body was ended at the pedicle roots); the rest is the rim and rib heads.
+    body_dices = {}
+    for t in dices:
+        ids, counts = np.unique(res.vertebrae.array[ph.vertebrae.array == t], return_counts=True)
+        counts[ids == 0] = 0
+        best = ids[int(np.argmax(counts))]
+        body_dices[t] = dice(res.bodies.array == best, ph.bodies.array == t)
+    assert min(body_dices.values()) >= 0.875, body_dices
 
 
 def test_lumbar_view_without_sacrum_is_marked_uncertain():
@@ -182,6 +191,37 @@ def test_portal_venous_vessels_stay_out_of_the_bodies():
     blood = _blood_voxels_in_bodies(ph, res)
     assert max(blood.values()) < 450, blood
     assert sum(blood.values()) < 1000, blood
+
+
+def test_fractured_bodies_keep_their_outline():
+    # A wedge (L1) and a crush (T12) fracture: the short bodies are still split at their discs.
+    # Measured body min 0.904 (T12; 0.878 before the body was ended at the pedicle roots), whole
+    # min 0.895 (T12: the 2 mm phantom's box-averaged cortex leaves one bright voxel layer
+    # outside the truth, which weighs more on a crushed, small vertebra). Target 0.9.
+    ph = _phantom(fractures={"L1": ("wedge", 2), "T12": ("crush", 3)})
+    res = segment_builtin(ph.image)
+    _assert_named_and_dice(ph, res, 0.89, 0.9)
+
+
+def test_thick_slice_phantom_bodies_are_solid():
+    # 0.8 mm pixels, 2.5 mm slices, 20 HU noise: the outline is redrawn on the fine native grid,
+    # where the trabecular bone under the cortex is darker than the outline threshold; it must
+    # not be cut out of the body. Measured min 0.940/0.936 (whole/body; 0.907/0.900 before).
+    ph = _phantom(first_level="L3", last_level="L5", spacing_mm=(0.8, 0.8, 2.5), noise_hu=20.0)
+    res = segment_builtin(ph.image)
+    _assert_named_and_dice(ph, res, 0.92, 0.92)
+
+
+def test_3mm_phantom_is_named_and_outlined():
+    # Measured min 0.856/0.892 (whole/body; bodies 0.879 before the pedicle-root cut). Below the
+    # 0.9 target by one voxel layer at the outline: the phantom's 3 mm voxels are box averages,
+    # so a voxel centred outside the bone still holds the whole bright 1 mm cortex (outer voxels
+    # outside the truth reach 80-90 % of the interior peak), while the real 3 mm CT (a resample of
+    # thinner data, point samples) wants the outline at 40-50 % of the peak (see
+    # EDGE_FRACTION_COARSE); an outline fitted to the phantom costs the real CT.
+    ph = _phantom(spacing_mm=(3.0, 3.0, 3.0))
+    res = segment_builtin(ph.image)
+    _assert_named_and_dice(ph, res, 0.85, 0.885)
 
 
 def test_axis_flips_give_the_same_labels(lumbar_with_sacrum):
