@@ -731,8 +731,11 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         profiles.append(ndi.gaussian_filter1d(np.bincount(bins, weights=w_body, minlength=nb), 0.75))
         low = _binned_percentile(hu_body, bins, nb, ENDPLATE_PERCENTILE)
         # A tilted slab cut by an end of the field of view samples only part of the body: its
-        # percentile is not comparable with the others (a false endplate at the scan's end).
-        spread = float(np.percentile(np.abs(sv - s_z[zb]), 95)) if zb.size else 0.0
+        # percentile is not comparable with the others (a false endplate at the scan's end). A
+        # slab counts as cut when over half of it lies beyond the body's range (the median
+        # reach; the 95th centile also dropped the last endplate below a slightly oblique
+        # centreline, where the slab is nearly whole).
+        spread = float(np.percentile(np.abs(sv - s_z[zb]), 50)) if zb.size else 0.0
         centre = s_lo + (np.arange(nb) + 0.5) * sp
         low[(centre - spread < s_z[zb].min()) | (centre + spread > s_z[zb].max())] = np.nan
         low_profiles.append(low)
