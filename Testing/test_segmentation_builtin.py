@@ -401,21 +401,35 @@ def test_thin_disc_between_endplates_is_found_without_a_density_minimum():
     assert discs == [10] and endplate_only == []
 
 
+def _slab(img: Image, lo: int, height_mm: float) -> Image:
+    """Slices lo.. of img covering height_mm (a thin scan of the same patient)."""
+    hi = lo + int(round(height_mm / img.spacing_mm[2]))
+    origin = np.asarray(img.origin_mm) + img.direction @ np.array([0.0, 0.0, lo * img.spacing_mm[2]])
+    return Image(np.ascontiguousarray(img.array[lo:hi]), spacing_mm=img.spacing_mm, origin_mm=tuple(origin),
+                 direction=img.direction, metadata=img.metadata)
+
+
 def test_short_lumbar_slab_has_no_ribs():
     # A 40 mm slab across L2/L3 (phantom, no anchor in view): lumbar transverse processes cut by
     # the slab's ends must not pass for ribs cut short.
     ph = _phantom()
-    img = ph.image
     zz = np.nonzero((ph.vertebrae.array == lv.level_id("L3")).any(axis=(1, 2)))[0]
-    lo = int(zz.mean())
-    hi = lo + int(round(40.0 / img.spacing_mm[2]))
-    origin = np.asarray(img.origin_mm) + img.direction @ np.array([0.0, 0.0, lo * img.spacing_mm[2]])
-    sub = Image(np.ascontiguousarray(img.array[lo:hi]), spacing_mm=img.spacing_mm, origin_mm=tuple(origin),
-                direction=img.direction, metadata=img.metadata)
-    res = segment_builtin(sub)
+    res = segment_builtin(_slab(ph.image, int(zz.mean()), 40.0))
     assert len(res.levels) == 2
     assert res.labels_uncertain
     assert not any("rib_bearing" in r.flags for r in res.levels)
+
+
+@pytest.mark.parametrize("start_mm", [90.0, 150.0, 210.0])
+def test_thoracic_slab_cut_through_a_vertebra_is_not_named_with_confidence(start_mm):
+    # 40 mm slabs of a T6-L2 phantom (around T11, T9 and T7) whose lowest vertebra is cut by the
+    # scan's end: its ribs descend out of view, so it looks rib-free below a rib-bearing one, like
+    # L1 below T12. The last rib is then not confirmed; these slabs were named T12/L1 without a
+    # flag before.
+    ph = _phantom(first_level="T6", last_level="L2", include_ribs=True)
+    res = segment_builtin(_slab(ph.image, int(round(start_mm / ph.image.spacing_mm[2])), 40.0))
+    assert res.labels_uncertain
+    assert not res.provenance["anchors"]["last_rib_T12"]
 
 
 def test_min_levels_is_enforced():
