@@ -150,7 +150,12 @@ def test_arterial_aorta_touching_thoracic_bodies_is_removed():
     # cross-section is carried over from the slices where it stands free.
     # Measured T11 0.925/0.935, T12 0.914/0.916 (whole/body; 0.81/0.74 before). The lumbar levels
     # reach 0.898-0.932: L5 misses the 0.9 whole-vertebra target by 0.002 (about 200 voxels of
-    # one common iliac artery, in slices where it has merged with the L4/L5 bodies).
+    # one common iliac artery, in slices where it has merged with the L4/L5 bodies). That right
+    # iliac is 6 mm in radius (about 30 mm2 after the contact-cutting erosion, under the tube's
+    # 60 mm2), starts beside the aorta with fat between them (its lumen core 12 mm from the
+    # aorta's), and its lumen-HU core breaks where it runs into the L4/L5 cortex: following
+    # branches from the aorta through voxels of the aorta's lumen HU (seeded up to 10 mm from it)
+    # did not reach it.
     ph = _phantom(contrast_phase="arterial")
     res = segment_builtin(ph.image)
     _assert_named_and_dice(ph, res, 0.9, 0.9, levels=("T11", "T12"))
@@ -198,9 +203,31 @@ def test_fractured_bodies_keep_their_outline():
     # Measured body min 0.904 (T12; 0.878 before the body was ended at the pedicle roots), whole
     # min 0.895 (T12: the 2 mm phantom's box-averaged cortex leaves one bright voxel layer
     # outside the truth, which weighs more on a crushed, small vertebra). Target 0.9.
+    # (Per voxel, T12: 565 false positives outside any vertebra, 543 of them one voxel outside
+    # the truth and 456 in-plane neighbours; 10 voxels given to T11/L1. Every level carries the
+    # same layer, 13-18 % of its volume; the crushed T12 has the most surface per volume. An
+    # outline at 0.6 / 0.7 of the peak gives T12 0.905 / 0.918 but costs the real 2 mm DICOM:
+    # vertebra Dice vs TotalSegmentator 0.719 -> 0.713 / 0.703; see also the 3 mm test below.)
     ph = _phantom(fractures={"L1": ("wedge", 2), "T12": ("crush", 3)})
     res = segment_builtin(ph.image)
     _assert_named_and_dice(ph, res, 0.89, 0.9)
+
+
+def test_crushed_body_errors_are_outline_only():
+    # The crushed T12 is short and its disc planes are close: the split must still follow them
+    # (truth T12 voxels given to T11 / L1 measured 10 of 2838) and whatever T12 gets wrong lies in
+    # one voxel layer at its outline (predicted voxels further than one voxel from the truth
+    # vertebra measured 22).
+    from scipy import ndimage as ndi
+
+    ph = _phantom(fractures={"L1": ("wedge", 2), "T12": ("crush", 3)})
+    res = segment_builtin(ph.image)
+    vid = lv.level_id("T12")
+    truth, pred = ph.vertebrae.array == vid, res.vertebrae.array == vid
+    to_neighbours = truth & (res.vertebrae.array > 0) & ~pred
+    assert to_neighbours.sum() < 0.01 * truth.sum()
+    beyond_layer = pred & (ndi.distance_transform_edt(~truth) > 1.5)
+    assert beyond_layer.sum() < 0.02 * truth.sum()
 
 
 def test_thick_slice_phantom_bodies_are_solid():
