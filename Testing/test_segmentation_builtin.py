@@ -148,18 +148,26 @@ def test_osteoporotic_phantom_is_found_and_named_from_the_sacrum():
 def test_arterial_aorta_touching_thoracic_bodies_is_removed():
     # Arterial phase: the aorta (contrast, bone-like HU) merges with T11/T12; where it does, its
     # cross-section is carried over from the slices where it stands free.
-    # Measured T11 0.925/0.935, T12 0.914/0.916 (whole/body; 0.81/0.74 before). The lumbar levels
-    # reach 0.898-0.932: L5 misses the 0.9 whole-vertebra target by 0.002 (about 200 voxels of
-    # one common iliac artery, in slices where it has merged with the L4/L5 bodies). That right
-    # iliac is 6 mm in radius (about 30 mm2 after the contact-cutting erosion, under the tube's
-    # 60 mm2), starts beside the aorta with fat between them (its lumen core 12 mm from the
-    # aorta's), and its lumen-HU core breaks where it runs into the L4/L5 cortex: following
-    # branches from the aorta through voxels of the aorta's lumen HU (seeded up to 10 mm from it)
-    # did not reach it.
+    # Measured T11 0.925/0.948, T12 0.914/0.931 (whole/body; 0.81/0.74 before); every level
+    # 0.905-0.925 / 0.926-0.948 (L5 0.898/0.919 before the iliac branches hanging on L4/L5 by thin
+    # contacts were taken out, now 0.908/0.936; L4 0.905 keeps the top of the right common iliac,
+    # joined to the L4 body by a bridge of blurred, marrow-bright voxels).
     ph = _phantom(contrast_phase="arterial")
     res = segment_builtin(ph.image)
     _assert_named_and_dice(ph, res, 0.9, 0.9, levels=("T11", "T12"))
-    _assert_named_and_dice(ph, res, 0.89, 0.9)
+    _assert_named_and_dice(ph, res, 0.9, 0.92)
+
+
+def test_arterial_iliac_arteries_are_not_bone():
+    # The common iliac arteries leave the aorta at L4 and run down in front of L4/L5: too thin
+    # (6 mm radius, partly hidden by the iliac veins) to be found as tubes themselves. Pieces of
+    # the aorta's lumen HU hanging on the column by thin contacts are taken out. Measured aorta /
+    # iliac voxels in the L5 label 15 (212 before); the same 2 mm phantom in the portal-venous
+    # phase (aorta 160 HU, darker than its trabecular bone) keeps its L5 at 0.903 (0.897 before).
+    ph = _phantom(contrast_phase="arterial")
+    res = segment_builtin(ph.image)
+    artery = ph.tissues.array == TISSUE_IDS["aorta"]
+    assert int((artery & (res.vertebrae.array == lv.level_id("L5"))).sum()) < 60
 
 
 def _blood_voxels_in_bodies(ph, res) -> dict[str, int]:

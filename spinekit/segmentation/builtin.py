@@ -612,6 +612,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     cand = ndi.binary_erosion(cand, structure=_SLICE, iterations=VESSEL_ERODE)
     lab, n = ndi.label(cand)
     lumen_max_hu = -np.inf
+    lumen_min_hu = np.inf
     if n:
         objs = ndi.find_objects(lab)
         sizes = np.bincount(lab.ravel(), minlength=n + 1)
@@ -643,8 +644,10 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                 if good.any():
                     # The lumen's own HU (contrast is uniform along the tube): brighter voxels
                     # next to it are cortex or a calcified wall, and stay.
-                    lumen_max_hu = max(lumen_max_hu, float(np.percentile(
-                        hu_s[o][comp & good[:, None, None]], 99)) + VESSEL_LUMEN_MARGIN_HU)
+                    lumen_hu = hu_s[o][comp & good[:, None, None]]
+                    lumen_max_hu = max(lumen_max_hu, float(np.percentile(lumen_hu, 99)) + VESSEL_LUMEN_MARGIN_HU)
+                    lumen_min_hu = min(lumen_min_hu, float(np.percentile(lumen_hu, 1)) - VESSEL_LUMEN_MARGIN_HU)
+                    del lumen_hu
                 # Slices where the vessel has merged with a body (too big a cross-section): the
                 # tube's cross-section carried over from the clean slices around (centre and
                 # radius interpolated), so the body's own bone stays.
@@ -686,6 +689,30 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     if n == 0:
         raise InputError("no vertebral column found in the CT (no bone around the spinal canal).")
     near = ndi.binary_dilation(canal_disc & box, iterations=max(1, int(round(6.0 / sp))))
+    if lumen_min_hu < lumen_max_hu:
+        # Branches of the contrast-filled tube found above (common iliac arteries: thinner than
+        # the aorta, so not found as tubes, and partly hidden by the iliac veins) may hang on a
+        # body by a thin contact of blurred voxels. Pieces in front of the canal that stand free
+        # of the column after a one-voxel in-plane erosion, away from the canal, and mostly hold
+        # the tube's own lumen HU are taken out with their rim: marrow is darker than the lumen,
+        # cortex brighter, and a body's core is joined to its pedicles.
+        core = ndi.binary_erosion(column, structure=_SLICE)
+        clab, cn = ndi.label(core)
+        if cn:
+            cidx = np.arange(1, cn + 1)
+            in_lumen = (hu_s >= lumen_min_hu) & (hu_s < lumen_max_hu)
+            size = ndi.sum_labels(core, clab, cidx)
+            lumen_share = ndi.sum_labels(in_lumen, clab, cidx) / np.maximum(size, 1)
+            front_share = ndi.sum_labels(np.broadcast_to(anterior, core.shape), clab, cidx) / np.maximum(size, 1)
+            reach = ndi.maximum(near, clab, cidx).astype(bool)
+            drop = cidx[(lumen_share > 0.5) & (front_share == 1.0) & ~reach]
+            if drop.size:
+                piece = np.isin(clab, drop)
+                column &= ~ndi.binary_dilation(piece, structure=_SLICE)
+                lab, n = ndi.label(column)
+                del piece
+            del in_lumen
+        del core, clab
     keep = np.unique(lab[near & column])
     keep = keep[keep > 0]
     column = np.isin(lab, keep)
