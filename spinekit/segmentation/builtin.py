@@ -696,22 +696,21 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         # of the column after a one-voxel in-plane erosion, away from the canal, and mostly hold
         # the tube's own lumen HU are taken out with their rim: marrow is darker than the lumen,
         # cortex brighter, and a body's core is joined to its pedicles.
-        core = ndi.binary_erosion(column, structure=_SLICE)
+        cb = tuple(slice(max(0, o.start - 1), o.stop + 1) for o in ndi.find_objects(column.astype(np.uint8))[0])
+        core = ndi.binary_erosion(column[cb], structure=_SLICE)
         clab, cn = ndi.label(core)
         if cn:
             cidx = np.arange(1, cn + 1)
-            in_lumen = (hu_s >= lumen_min_hu) & (hu_s < lumen_max_hu)
+            h = hu_s[cb]
             size = ndi.sum_labels(core, clab, cidx)
-            lumen_share = ndi.sum_labels(in_lumen, clab, cidx) / np.maximum(size, 1)
-            front_share = ndi.sum_labels(np.broadcast_to(anterior, core.shape), clab, cidx) / np.maximum(size, 1)
-            reach = ndi.maximum(near, clab, cidx).astype(bool)
+            lumen_share = ndi.sum_labels((h >= lumen_min_hu) & (h < lumen_max_hu), clab, cidx) / np.maximum(size, 1)
+            front_share = ndi.sum_labels(np.broadcast_to(anterior, column.shape)[cb], clab, cidx) / np.maximum(size, 1)
+            reach = ndi.maximum(near[cb], clab, cidx).astype(bool)
             drop = cidx[(lumen_share > 0.5) & (front_share == 1.0) & ~reach]
             if drop.size:
-                piece = np.isin(clab, drop)
-                column &= ~ndi.binary_dilation(piece, structure=_SLICE)
+                column[cb] &= ~ndi.binary_dilation(np.isin(clab, drop), structure=_SLICE)
                 lab, n = ndi.label(column)
-                del piece
-            del in_lumen
+            del h
         del core, clab
     keep = np.unique(lab[near & column])
     keep = keep[keep > 0]
