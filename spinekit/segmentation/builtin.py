@@ -11,7 +11,8 @@ Pipeline (all on an internal axis-aligned LPS grid of 1.5-2 mm, labels mapped ba
    the midline; tracked slice by slice from a seed with a drift prediction (lordosis,
    scoliosis), gaps bridged, extrapolated along the sacral curve;
 4. column = solid bone in a box around the canal, minus the canal; a long, homogeneous,
-   off-midline tube in front of the bodies (contrast aorta) is removed; body = the column part
+   off-midline tube in front of the bodies (contrast aorta) is removed, and so are pieces of
+   its lumen HU hanging on the column by thin contacts (its branches); body = the column part
    anterior to the canal's anterior wall;
 5. discs = deep minima of the density-weighted body profile along the body centreline, over
    slabs tilted -30..30 degrees (the L5/S1 disc), gaps filled where the disc spacing expects one;
