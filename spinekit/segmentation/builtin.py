@@ -92,6 +92,9 @@ BODY_CLOSING_MM = 4.0    # gaps in a body's cortical ring bridged before filling
 THORACIC_HALF_WIDTH_MM = 30.0       # transverse process tips of T1-T12
 THORACIC_BODY_HALF_WIDTH_MM = 22.0  # thoracic bodies; rib heads sit just lateral
 RIB_HEAD_MIN_MM = 15.0              # rib heads articulate this far from the midline
+RIB_NECK_MM = 6.0                   # a rib head / neck (7-10 mm thick) left on a body is thinner than a
+#                                     disc of this radius; thoracic bodies hold it (8 mm: phantom T4-T10
+#                                     whole +0.004; 10 mm eats the T6 body)
 RIB_VIEW_BELOW_HEAD_MM = 30.0  # scan reach below a rib head that shows its rib leaving the column
 RIB_MAX_MM3 = 60000.0    # bigger bone pieces beside the column are pelvis / shoulder girdle
 RIB_STUB_MIN_MM = 25.0   # rib necks run lateral of the pedicles and articular processes
@@ -767,8 +770,9 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         # thin disc in the kyphotic thorax is cut obliquely by the axial slices, its rim looks like
         # a cortical ring and gets filled as bone (T4-T10 phantom: the discs held 10-25% of the
         # bodies' false positives).
-        # (the low profile of the plane's own tilt: the band is measured along the plane's normal)
-        _carve_disc(column, anterior, hu_s, low_profiles[TILTS_DEG.index(deg)], d, planes[-1], sp)
+        # (the band's extent from the tilt that shows it darkest between its endplates; the
+        # plane's own tilt: real 3 mm CT L1-L4 0.001-0.003 lower)
+        _carve_disc(column, anterior, hu_s, low_profiles[int(valley_tilt[d - b0])], d, planes[-1], sp)
 
     def segment_index(z, y, x):
         idx = np.zeros(z.size, np.int32)
@@ -876,6 +880,12 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         grown = ndi.binary_dilation(grown, iterations=steps, mask=grown | path)
         vert[grown & path] = 0
         bodies[grown & path] = 0
+        # The path stops a few voxels short of the head where the neck runs obliquely; what is
+        # left sticks out of the body's rounded outline as a spur attached to the removed rib.
+        # An axial opening wider than the neck tells that spur from the body (extra path steps
+        # ran on into the bodies instead).
+        _drop_rib_spurs(vert, bodies, is_thoracic, grown & path, (adx > RIB_HEAD_MIN_MM) & (dyc < 2.0),
+                        (adx > THORACIC_BODY_HALF_WIDTH_MM) & (dyc < 0.0), sp)
         del adx, dyc, path, grown
     sacrum_seg = _find_sacrum(segs, vert, dx, anterior)
     uncertain = False
@@ -1095,6 +1105,39 @@ def _refine_native(vert: np.ndarray, bodies: np.ndarray, image: Image, sp: float
     vert[crop] = new_v
     bodies[crop] = new_b
     return vert, bodies
+
+
+def _drop_rib_spurs(vert, bodies, is_thoracic, rib_taken, zone, beside, sp):
+    """Give rib heads and necks left on thoracic vertebrae back to the rib (in place): body
+    voxels in the costovertebral `zone` that an axial opening with a disc of RIB_NECK_MM radius
+    removes (a spur on the body's rounded outline), and vertebra voxels `beside` the body, in
+    pieces that touch the rib bone already taken from the column."""
+    fg = is_thoracic[vert]
+    if not fg.any() or not rib_taken.any():
+        return
+    r = max(1, int(round(RIB_NECK_MM / sp)))
+    zs, ys, xs = ndi.find_objects(fg.astype(np.uint8))[0]
+    crop = (zs, slice(max(0, ys.start - r - 1), ys.stop + r + 1), slice(max(0, xs.start - r - 1), xs.stop + r + 1))
+    cube = np.ones((3, 3, 3), bool)
+    rib = ndi.binary_dilation(rib_taken[crop], structure=cube)
+
+    def touching(mask):
+        lab, _ = ndi.label(mask, structure=cube)
+        hit = np.unique(lab[rib & mask])
+        return np.isin(lab, hit[hit > 0])
+
+    body = is_thoracic[bodies[crop]]
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    disc = (yy ** 2 + xx ** 2 <= r * r + r)[None]
+    spur = touching(body & ~ndi.binary_opening(body, structure=disc) & np.broadcast_to(zone, vert.shape)[crop])
+    vert[crop][spur] = 0
+    bodies[crop][spur] = 0
+    # Beside the body and in front of the canal (lateral of the body width cut) a thoracic
+    # vertebra has no bone of its own (pedicles lie nearer the canal, transverse processes
+    # behind it): bone there that touches the rib (or the spur just taken) is rib head.
+    rib |= ndi.binary_dilation(spur, structure=cube)
+    near = is_thoracic[vert[crop]] & (bodies[crop] == 0) & np.broadcast_to(beside, vert.shape)[crop]
+    vert[crop][touching(near)] = 0
 
 
 def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
