@@ -24,8 +24,10 @@ Pipeline (all on an internal axis-aligned LPS grid of 1.5-2 mm, labels mapped ba
    rib-bearing vertebra with a rib-free one below -> T12; both -> lumbar from the sacrum,
    thoracic from the ribs, conflicts flagged; no anchor -> a guess marked uncertain (ribs cut
    short by the scan's caudal end count for the guess, never as an anchor);
-8. rib heads/necks are given back to the ribs, and on fine native grids the outlines are
-   redrawn from native HU.
+8. rib heads/necks are given back to the ribs (followed medially from the ribs outside the box;
+   what is left sticks out of the body's rounded outline; the width cut reaches further out
+   for the narrower upper thoracic bodies, whose transverse processes are longer), and on
+   fine native grids the outlines are redrawn from native HU.
 """
 
 from __future__ import annotations
@@ -89,7 +91,10 @@ PEDICLE_ROOT_MM = 4.0    # body / pedicle border lateral to the canal, in front 
 #                          (phantoms 2-4 mm within 0.01 of each other; real 3 mm CT vs TotalSegmentator
 #                          bodies L4 0.919 -> 0.956, L5 0.887 -> 0.906 at 4 mm; 6 mm cuts into L1/L2)
 BODY_CLOSING_MM = 4.0    # gaps in a body's cortical ring bridged before filling
-THORACIC_HALF_WIDTH_MM = 30.0       # transverse process tips of T1-T12
+THORACIC_HALF_WIDTH_MM = 30.0       # transverse process tips of T10-T12 (bodies >= 38 mm wide)
+TP_TIP_T1_MM = 38.0                 # ... of T1 (body ~28 mm wide): upper thoracic processes reach further
+BODY_WIDTH_T1_MM = 28.0
+BODY_WIDTH_T10_MM = 38.0
 THORACIC_BODY_HALF_WIDTH_MM = 22.0  # thoracic bodies; rib heads sit just lateral
 RIB_HEAD_MIN_MM = 15.0              # rib heads articulate this far from the midline
 RIB_NECK_MM = 6.0                   # a rib head / neck (7-10 mm thick) left on a body is thinner than a
@@ -873,7 +878,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         # wall and the rib neck.)
         dyc = (np.arange(ny)[None, :, None] - canal["cy"][:, None, None]) * sp
         path = is_thoracic[vert] & (adx > RIB_HEAD_MIN_MM) & (dyc < 2.0)
-        vert[is_thoracic[vert] & (adx > THORACIC_HALF_WIDTH_MM)] = 0
+        vert[is_thoracic[vert] & (adx > _tp_reach_mm(segs, bodies, is_thoracic, adx)[vert])] = 0
         bodies[is_thoracic[bodies] & (adx > THORACIC_BODY_HALF_WIDTH_MM)] = 0
         grown = ribs & ~box
         steps = int(np.ceil((ROI_LATERAL_MM - RIB_HEAD_MIN_MM) / sp)) + 2
@@ -1105,6 +1110,29 @@ def _refine_native(vert: np.ndarray, bodies: np.ndarray, image: Image, sp: float
     vert[crop] = new_v
     bodies[crop] = new_b
     return vert, bodies
+
+
+def _tp_reach_mm(segs, bodies, is_thoracic, adx):
+    """Per working label: how far from the midline a thoracic vertebra's transverse processes
+    reach. The upper thoracic bodies are narrower but their processes longer (tips ~38 mm out at
+    T1, ~30 mm at T10-T12): interpolated on the body's width, measured over its anterior half
+    (the rib heads articulate posterolaterally)."""
+    reach = np.full(256, THORACIC_HALF_WIDTH_MM)
+    objs = ndi.find_objects(bodies)
+    for sg in segs:
+        o = objs[sg.label - 1] if sg.label - 1 < len(objs) else None
+        if o is None or not is_thoracic[sg.label]:
+            continue
+        z, y, x = np.nonzero(bodies[o] == sg.label)
+        ant = y < np.median(y)
+        if ant.sum() < 10:
+            continue
+        a = np.broadcast_to(adx, bodies.shape)[o][z[ant], y[ant], x[ant]]
+        width_mm = 2.0 * float(np.percentile(a, 98))
+        t = (width_mm - BODY_WIDTH_T1_MM) / (BODY_WIDTH_T10_MM - BODY_WIDTH_T1_MM)
+        reach[sg.label] = float(np.clip(TP_TIP_T1_MM + t * (THORACIC_HALF_WIDTH_MM - TP_TIP_T1_MM),
+                                        THORACIC_HALF_WIDTH_MM, TP_TIP_T1_MM))
+    return reach
 
 
 def _drop_rib_spurs(vert, bodies, is_thoracic, rib_taken, zone, beside, sp):
