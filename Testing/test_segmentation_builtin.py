@@ -93,22 +93,41 @@ def test_thoracic_view_without_t12_is_marked_uncertain():
     assert res.labels_uncertain
     assert res.levels and all("label_uncertain" in r.flags and r.confidence < 0.5 for r in res.levels)
     # The vertebrae are still found and separated, whatever their names. The target is
-    # 0.9; on the partial-volume phantom the upper thoracic levels measure 0.872-0.904 (median
-    # 0.892): part of a rib head stays where the rib path does not reach it, and the bright
-    # endplate rim of the next level reads as bone. Gap: up to 0.03.
+    # 0.9; on the partial-volume phantom the upper thoracic levels measure 0.889-0.933 (median
+    # 0.914; 0.872-0.904 before every disc was carved, rib spurs went back to the ribs and the
+    # width cut followed the longer upper thoracic transverse processes): what is left is
+    # mostly the one-voxel partial-volume rim outside the truth (T4, the smallest level, 0.889)
+    # and rib heads inside the body's outline. Gap: up to 0.011.
     dices = _best_match_dice(res.vertebrae.array, ph.vertebrae.array)
     assert len(res.levels) == len(dices)
-    assert min(dices.values()) >= 0.86, dices
-    assert np.median(list(dices.values())) >= 0.88, dices
-    # Bodies (with the label matched on the whole vertebra): 0.883-0.932, median 0.903 (min 0.863
-    # before the body was ended at the pedicle roots); the rest is the rim and rib heads.
+    assert min(dices.values()) >= 0.88, dices
+    assert np.median(list(dices.values())) >= 0.91, dices
+    # Bodies (with the label matched on the whole vertebra): 0.905-0.961, median 0.935 (0.883-0.932
+    # before the discs were carved and the rib spurs taken off).
     body_dices = {}
     for t in dices:
         ids, counts = np.unique(res.vertebrae.array[ph.vertebrae.array == t], return_counts=True)
         counts[ids == 0] = 0
         best = ids[int(np.argmax(counts))]
         body_dices[t] = dice(res.bodies.array == best, ph.bodies.array == t)
-    assert min(body_dices.values()) >= 0.875, body_dices
+    assert min(body_dices.values()) >= 0.9, body_dices
+
+
+def test_thoracic_discs_and_rib_heads_stay_out_of_the_vertebrae():
+    # Thin kyphotic thoracic discs are cut obliquely by the axial slices and filled in as bone
+    # unless carved out; rib necks stay on the bodies where the rib path stops short of the head.
+    # Measured (T4-T10 phantom): disc voxels 3.0% of the body labels (7.5% before every disc was
+    # carved), 16% of the disc labelled (44%); rib voxels 0.70% of the vertebra labels (1.27%
+    # before the spurs went back to the ribs).
+    ph = _phantom(first_level="T4", last_level="T10")
+    res = segment_builtin(ph.image)
+    tissue = ph.tissues.array
+    ids = ph.truth["tissue_ids"]
+    vert, bodies = res.vertebrae.array > 0, res.bodies.array > 0
+    disc, rib = tissue == ids["disc"], tissue == ids["rib"]
+    assert (bodies & disc).sum() / bodies.sum() <= 0.04
+    assert (vert & disc).sum() / disc.sum() <= 0.25
+    assert (vert & rib).sum() / vert.sum() <= 0.009
 
 
 def test_lumbar_view_without_sacrum_is_marked_uncertain():

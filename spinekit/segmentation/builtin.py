@@ -17,15 +17,18 @@ Pipeline (all on an internal axis-aligned LPS grid of 1.5-2 mm, labels mapped ba
 5. discs = deep minima of the density-weighted body profile along the body centreline, over
    slabs tilted -30..30 degrees (the L5/S1 disc), gaps filled where the disc spacing expects one;
    where no disc is sure (a short slab), thin dark bands between two bright endplates in a
-   low-percentile HU profile (a thin disc as bright as marrow), carved out of the column;
+   low-percentile HU profile (a thin disc as bright as marrow); every disc's dark band is
+   carved out of the column (thin thoracic discs are filled in as bone otherwise);
 6. bodies split by the disc planes; posterior elements joined to their body by a marker
    watershed over the inverted distance map (pedicles are thick, facet contacts thin);
 7. names from anchors: sacrum (solid alae lateral to the lowest segment) -> L5, lowest
    rib-bearing vertebra with a rib-free one below -> T12; both -> lumbar from the sacrum,
    thoracic from the ribs, conflicts flagged; no anchor -> a guess marked uncertain (ribs cut
    short by the scan's caudal end count for the guess, never as an anchor);
-8. rib heads/necks are given back to the ribs, and on fine native grids the outlines are
-   redrawn from native HU.
+8. rib heads/necks are given back to the ribs (followed medially from the ribs outside the box;
+   what is left sticks out of the body's rounded outline; the width cut reaches further out
+   for the narrower upper thoracic bodies, whose transverse processes are longer), and on
+   fine native grids the outlines are redrawn from native HU.
 """
 
 from __future__ import annotations
@@ -89,9 +92,15 @@ PEDICLE_ROOT_MM = 4.0    # body / pedicle border lateral to the canal, in front 
 #                          (phantoms 2-4 mm within 0.01 of each other; real 3 mm CT vs TotalSegmentator
 #                          bodies L4 0.919 -> 0.956, L5 0.887 -> 0.906 at 4 mm; 6 mm cuts into L1/L2)
 BODY_CLOSING_MM = 4.0    # gaps in a body's cortical ring bridged before filling
-THORACIC_HALF_WIDTH_MM = 30.0       # transverse process tips of T1-T12
+THORACIC_HALF_WIDTH_MM = 30.0       # transverse process tips of T10-T12 (bodies >= 38 mm wide)
+TP_TIP_T1_MM = 38.0                 # ... of T1 (body ~28 mm wide): upper thoracic processes reach further
+BODY_WIDTH_T1_MM = 28.0
+BODY_WIDTH_T10_MM = 38.0
 THORACIC_BODY_HALF_WIDTH_MM = 22.0  # thoracic bodies; rib heads sit just lateral
 RIB_HEAD_MIN_MM = 15.0              # rib heads articulate this far from the midline
+RIB_NECK_MM = 6.0                   # a rib head / neck (7-10 mm thick) left on a body is thinner than a
+#                                     disc of this radius; thoracic bodies hold it (8 mm: phantom T4-T10
+#                                     whole +0.004; 10 mm eats the T6 body)
 RIB_VIEW_BELOW_HEAD_MM = 30.0  # scan reach below a rib head that shows its rib leaving the column
 RIB_MAX_MM3 = 60000.0    # bigger bone pieces beside the column are pelvis / shoulder girdle
 RIB_STUB_MIN_MM = 25.0   # rib necks run lateral of the pedicles and articular processes
@@ -789,8 +798,13 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         # Behind the body the untilted normal: a tilted disc plane (L5/S1) extended backwards
         # would rise through the arch of the vertebra above.
         arch_planes.append((np.array([zf, by[zi], bx[zi]]), t_z[zi] / np.linalg.norm(t_z[zi])))
-        if d in endplate_only:
-            _carve_disc(column, anterior, hu_s, low_profiles[int(valley_tilt[d - b0])], d, planes[-1], sp)
+        # Every disc's content is taken out, not only that of discs seen between endplates: a
+        # thin disc in the kyphotic thorax is cut obliquely by the axial slices, its rim looks like
+        # a cortical ring and gets filled as bone (T4-T10 phantom: the discs held 10-25% of the
+        # bodies' false positives).
+        # (the band's extent from the tilt that shows it darkest between its endplates; the
+        # plane's own tilt: real 3 mm CT L1-L4 0.001-0.003 lower)
+        _carve_disc(column, anterior, hu_s, low_profiles[int(valley_tilt[d - b0])], d, planes[-1], sp)
 
     def segment_index(z, y, x):
         idx = np.zeros(z.size, np.int32)
@@ -891,13 +905,19 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         # wall and the rib neck.)
         dyc = (np.arange(ny)[None, :, None] - canal["cy"][:, None, None]) * sp
         path = is_thoracic[vert] & (adx > RIB_HEAD_MIN_MM) & (dyc < 2.0)
-        vert[is_thoracic[vert] & (adx > THORACIC_HALF_WIDTH_MM)] = 0
+        vert[is_thoracic[vert] & (adx > _tp_reach_mm(segs, bodies, is_thoracic, adx)[vert])] = 0
         bodies[is_thoracic[bodies] & (adx > THORACIC_BODY_HALF_WIDTH_MM)] = 0
         grown = ribs & ~box
         steps = int(np.ceil((ROI_LATERAL_MM - RIB_HEAD_MIN_MM) / sp)) + 2
         grown = ndi.binary_dilation(grown, iterations=steps, mask=grown | path)
         vert[grown & path] = 0
         bodies[grown & path] = 0
+        # The path stops a few voxels short of the head where the neck runs obliquely; what is
+        # left sticks out of the body's rounded outline as a spur attached to the removed rib.
+        # An axial opening wider than the neck tells that spur from the body (extra path steps
+        # ran on into the bodies instead).
+        _drop_rib_spurs(vert, bodies, is_thoracic, grown & path, (adx > RIB_HEAD_MIN_MM) & (dyc < 2.0),
+                        (adx > THORACIC_BODY_HALF_WIDTH_MM) & (dyc < 0.0), sp)
         del adx, dyc, path, grown
     sacrum_seg = _find_sacrum(segs, vert, dx, anterior)
     uncertain = False
@@ -1117,6 +1137,62 @@ def _refine_native(vert: np.ndarray, bodies: np.ndarray, image: Image, sp: float
     vert[crop] = new_v
     bodies[crop] = new_b
     return vert, bodies
+
+
+def _tp_reach_mm(segs, bodies, is_thoracic, adx):
+    """Per working label: how far from the midline a thoracic vertebra's transverse processes
+    reach. The upper thoracic bodies are narrower but their processes longer (tips ~38 mm out at
+    T1, ~30 mm at T10-T12): interpolated on the body's width, measured over its anterior half
+    (the rib heads articulate posterolaterally)."""
+    reach = np.full(256, THORACIC_HALF_WIDTH_MM)
+    objs = ndi.find_objects(bodies)
+    for sg in segs:
+        o = objs[sg.label - 1] if sg.label - 1 < len(objs) else None
+        if o is None or not is_thoracic[sg.label]:
+            continue
+        z, y, x = np.nonzero(bodies[o] == sg.label)
+        ant = y < np.median(y)
+        if ant.sum() < 10:
+            continue
+        a = np.broadcast_to(adx, bodies.shape)[o][z[ant], y[ant], x[ant]]
+        width_mm = 2.0 * float(np.percentile(a, 98))
+        t = (width_mm - BODY_WIDTH_T1_MM) / (BODY_WIDTH_T10_MM - BODY_WIDTH_T1_MM)
+        reach[sg.label] = float(np.clip(TP_TIP_T1_MM + t * (THORACIC_HALF_WIDTH_MM - TP_TIP_T1_MM),
+                                        THORACIC_HALF_WIDTH_MM, TP_TIP_T1_MM))
+    return reach
+
+
+def _drop_rib_spurs(vert, bodies, is_thoracic, rib_taken, zone, beside, sp):
+    """Give rib heads and necks left on thoracic vertebrae back to the rib (in place): body
+    voxels in the costovertebral `zone` that an axial opening with a disc of RIB_NECK_MM radius
+    removes (a spur on the body's rounded outline), and vertebra voxels `beside` the body, in
+    pieces that touch the rib bone already taken from the column."""
+    fg = is_thoracic[vert]
+    if not fg.any() or not rib_taken.any():
+        return
+    r = max(1, int(round(RIB_NECK_MM / sp)))
+    zs, ys, xs = ndi.find_objects(fg.astype(np.uint8))[0]
+    crop = (zs, slice(max(0, ys.start - r - 1), ys.stop + r + 1), slice(max(0, xs.start - r - 1), xs.stop + r + 1))
+    cube = np.ones((3, 3, 3), bool)
+    rib = ndi.binary_dilation(rib_taken[crop], structure=cube)
+
+    def touching(mask):
+        lab, _ = ndi.label(mask, structure=cube)
+        hit = np.unique(lab[rib & mask])
+        return np.isin(lab, hit[hit > 0])
+
+    body = is_thoracic[bodies[crop]]
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    disc = (yy ** 2 + xx ** 2 <= r * r + r)[None]
+    spur = touching(body & ~ndi.binary_opening(body, structure=disc) & np.broadcast_to(zone, vert.shape)[crop])
+    vert[crop][spur] = 0
+    bodies[crop][spur] = 0
+    # Beside the body and in front of the canal (lateral of the body width cut) a thoracic
+    # vertebra has no bone of its own (pedicles lie nearer the canal, transverse processes
+    # behind it): bone there that touches the rib (or the spur just taken) is rib head.
+    rib |= ndi.binary_dilation(spur, structure=cube)
+    near = is_thoracic[vert[crop]] & (bodies[crop] == 0) & np.broadcast_to(beside, vert.shape)[crop]
+    vert[crop][touching(near)] = 0
 
 
 def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
