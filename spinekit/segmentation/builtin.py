@@ -1195,6 +1195,16 @@ def _drop_rib_spurs(vert, bodies, is_thoracic, rib_taken, zone, beside, sp):
     vert[crop][touching(near)] = 0
 
 
+def _rib_level(segs, centre_z, z_root, sp):
+    """The vertebra a rib belongs to: the one whose body centre is nearest in height to the
+    rib's medial end (ribs slope down, so the label of the bone they touch is less reliable),
+    or None when no body centre lies within 25 mm of it."""
+    label = min(centre_z, key=lambda k: abs(centre_z[k] - z_root))
+    if abs(centre_z[label] - z_root) * sp > 25.0:
+        return None
+    return next((sg for sg in segs if sg.label == label), None)
+
+
 def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
     """Count ribs per vertebra: elongated bone pieces outside the column box whose medial end
     meets the box's lateral wall next to the column. A rib is given to the vertebra whose body
@@ -1229,12 +1239,10 @@ def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
         if touch.sum() < 2:
             continue
         z_root = float(np.nonzero(touch)[0].mean() + o[0].start)
-        label = min(centre_z, key=lambda k: abs(centre_z[k] - z_root))
-        if abs(centre_z[label] - z_root) * sp > 25.0:
+        sg = _rib_level(segs, centre_z, z_root, sp)
+        if sg is None:
             continue
-        for sg in segs:
-            if sg.label == label:
-                sg.ribs += 1
+        sg.ribs += 1
         ribs[o] |= lab[o] == i + 1
     return ribs
 
@@ -1288,12 +1296,9 @@ def _find_rib_stubs(segs, vert, bodies, dx, dyc, sp):
         if not medial.any() or (zz[medial].mean() - zz[at_end].mean()) * sp < RIB_STUB_RISE_MM:
             continue
         z_root = float(zz[medial].mean())
-        label = min(centre_z, key=lambda k: abs(centre_z[k] - z_root))
-        if abs(centre_z[label] - z_root) * sp > 25.0:
-            continue
-        for sg in segs:
-            if sg.label == label:
-                sg.rib_stubs += 1
+        sg = _rib_level(segs, centre_z, z_root, sp)
+        if sg is not None:
+            sg.rib_stubs += 1
 
 
 def _find_sacrum(segs, vert, dx, anterior):
