@@ -10,7 +10,8 @@ Pipeline (all on an internal axis-aligned LPS grid of 1.5-2 mm, labels mapped ba
 3. spinal canal = soft tissue (CSF-like HU) enclosed by bone in the 8 in-plane directions, near
    the midline; tracked slice by slice from a seed with a drift prediction (lordosis,
    scoliosis), gaps bridged, extrapolated along the sacral curve;
-4. column = solid bone in a box around the canal, minus the canal; a long, homogeneous,
+4. column = solid bone in a box around the canal, minus the canal; contrast blood pools too
+   thick for any vertebral body (heart chambers) are removed; a long, homogeneous,
    off-midline tube in front of the bodies (contrast aorta) is removed, and so are pieces of
    its lumen HU hanging on the column by thin contacts (its branches); body = the column part
    anterior to the canal's anterior wall;
@@ -22,7 +23,8 @@ Pipeline (all on an internal axis-aligned LPS grid of 1.5-2 mm, labels mapped ba
 6. bodies split by the disc planes; posterior elements joined to their body by a marker
    watershed over the inverted distance map (pedicles are thick, facet contacts thin);
 7. names from anchors: sacrum (solid alae lateral to the lowest segment) -> L5, lowest
-   rib-bearing vertebra with a rib-free one below -> T12; both -> lumbar from the sacrum,
+   rib-bearing vertebra with a rib-free one below -> T12 (only where the scan reaches 30 mm
+   below that one's rib heads: ribs descend out of a view that ends sooner); both -> lumbar from the sacrum,
    thoracic from the ribs, conflicts flagged; no anchor -> a guess marked uncertain (ribs cut
    short by the scan's caudal end count for the guess, never as an anchor);
 8. rib heads/necks are given back to the ribs (followed medially from the ribs outside the box;
