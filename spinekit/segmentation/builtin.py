@@ -85,6 +85,11 @@ VESSEL_MIN_LENGTH_MM = 70.0  # the aorta runs past several levels; a body ends a
 VESSEL_ERODE = 1         # in-plane erosion that cuts a vessel's contact with the bodies
 VESSEL_MAX_AREA_MM2 = 700.0  # larger cross-sections are vessel merged with a body: kept
 VESSEL_LUMEN_MARGIN_HU = 20.0  # a lumen voxel is at most this much brighter than the tube's 99th centile
+VESSEL_MAX_IQR_HU = 60.0  # a contrast lumen is homogeneous (interquartile range ~10-30 HU with noise)
+VESSEL_RIM_MM = 6.0      # the lumen's rim against a body, missed by the cortex clearance (real 2 mm slab:
+#                          aorta voxels left in the labels 2650 -> 1080 at 6 mm; 4.5 mm: 1650)
+VESSEL_ENCLOSED_DIRS = 6  # ... grown only over voxels with bone in fewer in-plane directions (marrow
+#                           inside a body's ring has it in 6-8; the aorta beside a body in 2-5)
 BLOOD_POOL_RADIUS_MM = 20.0  # a ball this size fits in heart chambers, not in a vertebral body
 BLOOD_POOL_RIM_VOX = 1   # the opening misses a pool's rim where it meets a body: grown back this far
 BLOOD_CORTEX_CLEARANCE_MM = 4.5  # trabecular-HU voxels this close to the cortex are outline, not blood
@@ -563,7 +568,9 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         (h > TRABECULAR_HU) & (canal["enc"][fc] < TRABECULAR_MIN_DIRS)
         & ~ndi.binary_dilation(bone_c[fc], structure=_SLICE,
                                iterations=max(1, int(round(BLOOD_CORTEX_CLEARANCE_MM / sp)))))
-    del h, canal["enc"]
+    # (the enclosure count is kept in the front crop: the aorta's growth below stops at it)
+    enc_fc = canal.pop("enc")[fc]
+    del h
     # Solid bone = filled cortical rings (low-density bodies) or trabecular-density voxels.
     raw = bone_c | (hu_s > TRABECULAR_HU)
     del bone_c
@@ -652,14 +659,23 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                     in_pool = (comp & pool_edge[o]).any(axis=(1, 2))
                     good &= (np.abs(per_slice - ref_area) < 0.3 * ref_area) | (
                         in_pool & (per_slice < 1.3 * ref_area))
-                vessel[o] |= comp & good[:, None, None]
                 if good.any():
                     # The lumen's own HU (contrast is uniform along the tube): brighter voxels
                     # next to it are cortex or a calcified wall, and stay.
                     lumen_hu = hu_s[o][comp & good[:, None, None]]
-                    lumen_max_hu = max(lumen_max_hu, float(np.percentile(lumen_hu, 99)) + VESSEL_LUMEN_MARGIN_HU)
-                    lumen_min_hu = min(lumen_min_hu, float(np.percentile(lumen_hu, 1)) - VESSEL_LUMEN_MARGIN_HU)
+                    q1, q3 = np.percentile(lumen_hu, [25, 75])
+                    # Only a homogeneous tube sets the lumen's HU range: on a short scan a tube
+                    # of dense marrow and disc (the bodies themselves) passes the tests above;
+                    # it is taken out as before, but its HU would let the vessel's growth
+                    # below eat cortex (real 2 mm slab: marrow tube IQR 126 HU, aorta 10 HU).
+                    if q3 - q1 <= VESSEL_MAX_IQR_HU:
+                        # (Tukey's fences drop the few marrow / cortex voxels the tube takes in)
+                        fence = 1.5 * (q3 - q1)
+                        lumen_hu = lumen_hu[(lumen_hu >= q1 - fence) & (lumen_hu <= q3 + fence)]
+                        lumen_max_hu = max(lumen_max_hu, float(np.percentile(lumen_hu, 99)) + VESSEL_LUMEN_MARGIN_HU)
+                        lumen_min_hu = min(lumen_min_hu, float(np.percentile(lumen_hu, 1)) - VESSEL_LUMEN_MARGIN_HU)
                     del lumen_hu
+                vessel[o] |= comp & good[:, None, None]
                 # Slices where the vessel has merged with a body (too big a cross-section): the
                 # tube's cross-section carried over from the clean slices around (centre and
                 # radius interpolated), so the body's own bone stays.
@@ -680,8 +696,18 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         if vessel.any():
             vessel |= (ndi.binary_dilation(vessel, structure=_SLICE, iterations=VESSEL_ERODE) & cand_full
                        & (hu_s < lumen_max_hu))
+            # The lumen's rim next to a body lies within the cortex clearance, so it was never a
+            # blood candidate (a calcified wall is cortex-bright too): grown there over lumen-HU
+            # voxels in front of the canal that no cortical ring encloses in-plane (portal-venous
+            # marrow has the lumen's HU, but it lies inside the body's ring; the ring is brighter).
+            h = hu_s[fc]
+            room = zone[fc] & (h < lumen_max_hu) & (h > lumen_min_hu) & (enc_fc < VESSEL_ENCLOSED_DIRS)
+            del h
+            vessel[fc] = ndi.binary_dilation(vessel[fc], structure=_SLICE, mask=room | vessel[fc],
+                                             iterations=max(1, int(round(VESSEL_RIM_MM / sp))))
+            del room
             column &= ~vessel
-    del lab, cand, cand_full, pool_edge
+    del lab, cand, cand_full, pool_edge, enc_fc
     # Low-density bodies whose cortical ring is not closed in a slice (thin cortex, partial
     # volume): close small gaps in-plane and fill, within the body zone only.
     r = max(1, int(round(BODY_CLOSING_MM / sp)))
