@@ -421,12 +421,15 @@ def test_short_dicom_slab_split_into_t12_t11_and_flagged():
     pred = res.vertebrae.array
     d12 = dice(pred == lv.level_id("T12"), ref == lv.level_id("T12"))
     d11 = dice(pred == lv.level_id("T11"), ref == lv.level_id("T11"))
-    # measured T12 0.622, T11 0.271 (TS's T11 is mostly posterior elements that overlap T12 in
-    # height and go to T12 here; the contrast aorta at ~150 HU touching the bodies stays in)
-    assert d12 >= 0.60, d12
-    assert d11 >= 0.25, d11
+    # measured T12 0.696, T11 0.334 (was 0.655 / 0.265). The contrast aorta (~150 HU, as bright
+    # as the marrow) is grown over its rim next to the bodies: 1080 of its voxels stay in the
+    # labels (was 2650). T11's pedicles are out of view above the slab, so its arch is seeded up
+    # to the disc plane; TS's T11 is mostly posterior elements, and its spinous process tip,
+    # reaching down beside T12's arch, still goes to T12.
+    assert d12 >= 0.68, d12
+    assert d11 >= 0.32, d11
     # (The coverage check this test made while the slab came out as one vertebra is replaced by
-    # the per-level Dice above; the bench still prints it: 0.740, the carved disc band is partly
+    # the per-level Dice above; the bench still prints it: 0.773, the carved disc band is partly
     # T12 in TS's coarse labels.)
 
 
