@@ -136,6 +136,10 @@ class _Segment:
     rib_stubs: int = 0       # ribs cut short by the scan's end (evidence for a guess, not an anchor)
     flags: list = field(default_factory=list)
 
+    @property
+    def rib_bearing(self) -> bool:
+        return self.ribs > 0 or self.rib_stubs > 0
+
 
 # --- input checks and the working grid ---------------------------------------------------------
 def _check_ct(image: Image) -> None:
@@ -583,11 +587,12 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     box = (dy > -ROI_ANTERIOR_MM) & (dy < ROI_POSTERIOR_MM) & (np.abs(dx) < ROI_LATERAL_MM)
     box[:z_lo] = False
     box[z_hi + 1:] = False
+    front_mm = (canal["front"][:, None, None] - canal["cy"][:, None, None]) * sp  # negative
     # The canal inside a closed bony ring is a filled hole: take such holes out again.
     canal_disc = (dy ** 2 + dx ** 2) < (np.maximum(canal["rad"], 3.0 / sp)[:, None, None] * sp) ** 2
     # The lumbar canal is wider than deep: a circle of its area reaches past its anterior wall
     # into the back of the body, which stays.
-    canal_disc &= dy >= (canal["front"][:, None, None] - canal["cy"][:, None, None]) * sp
+    canal_disc &= dy >= front_mm
     holes = column & ~raw
     hl, _ = ndi.label(holes, structure=_SLICE)
     # (only holes reaching the canal's central part: a low-density body's interior is a hole
@@ -608,7 +613,6 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         shell = column & ~ndi.binary_erosion(column)
         column &= ~(shell & (hu < EDGE_HU))
         del shell
-    front_mm = (canal["front"][:, None, None] - canal["cy"][:, None, None]) * sp  # negative
     anterior = dy < front_mm
     # Contrast-filled heart chambers (and aneurysms) touching the thoracic bodies: blood pools
     # too thick to be bone (a ball no vertebral body can hold, discs cut bodies in height).
@@ -721,7 +725,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     crop = (zs_, slice(max(0, ys_.start - r), ys_.stop + r), slice(max(0, xs_.start - r), xs_.stop + r))
     closed = ndi.binary_closing(column[crop] & zone[crop], structure=disk)
     column[crop] |= ndi.binary_fill_holes(closed, structure=_SLICE) & zone[crop] & ~vessel[crop]
-    del closed, zone, dy, vessel
+    del closed, zone, vessel
 
     # Keep the column: components that reach near the canal.
     lab, n = ndi.label(column)
@@ -864,9 +868,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # Pedicles and laminae beside the canal lie level with their own body: seed them from the
     # disc planes too (away from the planes), so the flood only decides the processes that
     # overhang the next level (spinous and articular processes).
-    dyc = (np.arange(ny)[None, :, None] - canal["cy"][:, None, None]) * sp
-    ring = column & ~anterior & (np.abs(dx) < PEDICLE_BAND_MM) & (dyc < canal["rad"][:, None, None] * sp + 8.0)
-    del dyc
+    ring = column & ~anterior & (np.abs(dx) < PEDICLE_BAND_MM) & (dy < canal["rad"][:, None, None] * sp + 8.0)
     zp, yp, xp = np.nonzero(ring)
     if zp.size and planes:
         pts = np.stack([zp, yp, xp], axis=1).astype(float)
@@ -925,23 +927,22 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # --- anchors -----------------------------------------------------------------------------
     report(progress, 0.8, "builtin: naming levels")
     ribs = _find_ribs(segs, vert, bodies, bone, box, dx, sp)
-    dyc = (np.arange(ny)[None, :, None] - canal["cy"][:, None, None]) * sp
-    _find_rib_stubs(segs, vert, bodies, dx, dyc, sp)
-    del dyc
+    _find_rib_stubs(segs, vert, bodies, dx, dy, sp)
+    # Ribs cut short by the scan's end: a rib-bearing vertebra for a guess, not an anchor.
+    any_rib_idx = [i for i, sg in enumerate(segs) if sg.rib_bearing]
     # Rib heads and necks inside the column box belong to the ribs: thoracic vertebrae are
     # narrower than the box (transverse processes end about 30 mm from the midline).
-    ribbed = [i for i, sg in enumerate(segs) if sg.ribs > 0 or sg.rib_stubs > 0]
-    if ribbed:
+    if any_rib_idx:
         is_thoracic = np.zeros(256, bool)
-        for sg in segs[min(ribbed):]:
+        for sg in segs[any_rib_idx[0]:]:
             is_thoracic[sg.label] = True
         adx = np.abs(dx)
         # Follow each rib medially through the labelled bone beside the body and in front of
         # the transverse processes (rib neck and head), and give that bone back to the rib.
         # (The path is taken before the width cut below, which would break it between the box
         # wall and the rib neck.)
-        dyc = (np.arange(ny)[None, :, None] - canal["cy"][:, None, None]) * sp
-        path = is_thoracic[vert] & (adx > RIB_HEAD_MIN_MM) & (dyc < 2.0)
+        rib_zone = (adx > RIB_HEAD_MIN_MM) & (dy < 2.0)
+        path = is_thoracic[vert] & rib_zone
         vert[is_thoracic[vert] & (adx > _tp_reach_mm(segs, bodies, is_thoracic, adx)[vert])] = 0
         bodies[is_thoracic[bodies] & (adx > THORACIC_BODY_HALF_WIDTH_MM)] = 0
         grown = ribs & ~box
@@ -953,15 +954,14 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         # left sticks out of the body's rounded outline as a spur attached to the removed rib.
         # An axial opening wider than the neck tells that spur from the body (extra path steps
         # ran on into the bodies instead).
-        _drop_rib_spurs(vert, bodies, is_thoracic, grown & path, (adx > RIB_HEAD_MIN_MM) & (dyc < 2.0),
-                        (adx > THORACIC_BODY_HALF_WIDTH_MM) & (dyc < 0.0), sp)
-        del adx, dyc, path, grown
+        _drop_rib_spurs(vert, bodies, is_thoracic, grown & path, rib_zone,
+                        (adx > THORACIC_BODY_HALF_WIDTH_MM) & (dy < 0.0), sp)
+        del adx, rib_zone, path, grown
+    del dy
     sacrum_seg = _find_sacrum(segs, vert, dx, anterior)
     uncertain = False
     n = len(segs)
     rib_idx = [i for i, sg in enumerate(segs) if sg.ribs > 0]
-    # Ribs cut short by the scan's end: a rib-bearing vertebra for a guess, not an anchor.
-    any_rib_idx = [i for i, sg in enumerate(segs) if sg.ribs > 0 or sg.rib_stubs > 0]
     # The lowest rib-bearing vertebra is T12 only when a rib-free vertebra is seen below it.
     # ... and only when the scan reaches far enough below that one's rib heads (at the top of its
     # body) to show a rib leaving the column: ribs descend laterally from their heads, so a
@@ -1045,7 +1045,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
             "method": "builtin: canal tracking, disc profile, marker watershed (no trained weights)",
             "working_spacing_mm": sp,
             "anchors": {"sacrum": sacrum_seg is not None, "last_rib_T12": t12 is not None,
-                        "rib_bearing_levels": [sg.name for sg in segs if (sg.ribs > 0 or sg.rib_stubs > 0) and sg.name]},
+                        "rib_bearing_levels": [sg.name for sg in segs if sg.rib_bearing and sg.name]},
         },
     )
 
@@ -1284,7 +1284,7 @@ def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
     return ribs
 
 
-def _find_rib_stubs(segs, vert, bodies, dx, dyc, sp):
+def _find_rib_stubs(segs, vert, bodies, dx, dy, sp):
     """Count ribs cut short by the caudal end of the scan (a thin slab at the thoracolumbar
     junction): a rib descends laterally from its head beside the pedicle, so in view it is a bar
     of the vertebra's bone that leaves the scan's caudal end well lateral of the arch, as a
@@ -1305,7 +1305,7 @@ def _find_rib_stubs(segs, vert, bodies, dx, dyc, sp):
         return
     v = vert[:zc] > 0
     adx = np.abs(dx[:zc])                        # (z, 1, x): broadcast, not materialised
-    lateral = v & (adx >= RIB_STUB_MIN_MM) & (dyc[:zc] > -10.0)
+    lateral = v & (adx >= RIB_STUB_MIN_MM) & (dy[:zc] > -10.0)
     lab, n = ndi.label(lateral)
     if n == 0:
         return
@@ -1399,7 +1399,7 @@ def _records(segs, vert, bodies, image, grid, confidence, uncertain):
             flags.append("truncated")
         if uncertain:
             flags.append("label_uncertain")
-        if sg.ribs or sg.rib_stubs:
+        if sg.rib_bearing:
             flags.append("rib_bearing")
         out.append(LevelRecord(name=sg.name, verse_id=vid, present=True, complete=truncated is None,
                                truncated=truncated, confidence=confidence, voxels=int(counts[vid]),
