@@ -68,7 +68,7 @@ def bench_abdomen(data: Path = DATA) -> list[dict]:
 
 
 def bench_dicom(data: Path = DATA) -> list[dict]:
-    from ..image import read_image
+    from ..image import read_image, resample_to
     from .builtin import segment_builtin
 
     folder = data / "ct_dicom_2mm"
@@ -86,11 +86,7 @@ def bench_dicom(data: Path = DATA) -> list[dict]:
         return [_row("ct_dicom_2mm T11/T12 found and named", f"error: {exc}", "", "both")]
     pred = res.vertebrae.array
     if not ref_img.same_grid(ct):   # DICOM and NIfTI may order the axes differently
-        import SimpleITK as sitk
-
-        moved = sitk.Resample(ref_img.with_array(ref.astype(np.uint8)).to_sitk(), ct.to_sitk(),
-                              sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-        ref = sitk.GetArrayFromImage(moved)
+        ref = resample_to(ref_img.with_array(ref.astype(np.uint8)), ct).array
     found = []
     for name in ("T11", "T12"):
         vid = lv.level_id(name)
