@@ -959,54 +959,9 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         del adx, rib_zone, path, grown
     del dy
     sacrum_seg = _find_sacrum(segs, vert, dx, anterior)
-    uncertain = False
-    n = len(segs)
-    rib_idx = [i for i, sg in enumerate(segs) if sg.ribs > 0]
-    # The lowest rib-bearing vertebra is T12 only when a rib-free vertebra is seen below it.
-    # ... and only when the scan reaches far enough below that one's rib heads (at the top of its
-    # body) to show a rib leaving the column: ribs descend laterally from their heads, so a
-    # vertebra cut short by the scan's caudal end may hide its ribs, and a thoracic slab would
-    # be named T12/L1 with confidence.
-    t12 = None
-    if rib_idx and rib_idx[0] > (0 if sacrum_seg is None else 1) and any_rib_idx[0] == rib_idx[0]:
-        below = segs[rib_idx[0] - 1].label
-        zz = np.nonzero((bodies == below).any(axis=(1, 2)))[0]
-        if zz.size and zz.max() * sp >= RIB_VIEW_BELOW_HEAD_MM:
-            t12 = rib_idx[0]
-        else:
-            warnings.append("the vertebra below the lowest rib-bearing one is cut by the field of view; "
-                            "its ribs may be out of view, so the last rib is not confirmed")
-    names: list[str]
-    confidence = 0.95
-    if sacrum_seg is not None and t12 is not None:
-        names = _names_from(sacrum_seg, "sacrum", n)
-        n_lumbar = t12 - sacrum_seg - 1
-        if n_lumbar != 5:
-            warnings.append(f"{n_lumbar} rib-free vertebrae between the sacrum and the last rib-bearing "
-                            "vertebra; lumbar levels named from the sacrum")
-            if n_lumbar in (4, 6):
-                # A transitional spine: lumbar from the sacrum (L6 when six), thoracic from the ribs.
-                # caudal -> cranial; VerSe calls the sixth lumbar vertebra (the lowest) L6.
-                lumb = ["L6", "L5", "L4", "L3", "L2", "L1"] if n_lumbar == 6 else ["L5", "L4", "L3", "L2"]
-                thor = _names_from(t12, "T12", n)
-                for i in range(t12, n):
-                    names[i] = thor[i]
-                for k, i in enumerate(range(sacrum_seg + 1, t12)):
-                    names[i] = lumb[k]
-            for i in range(sacrum_seg + 1, min(n, t12 + 1)):
-                segs[i].flags.append("anchor_conflict")
-            confidence = 0.6
-    elif sacrum_seg is not None:
-        names = _names_from(sacrum_seg, "sacrum", n)
-        confidence = 0.9
-    elif t12 is not None:
-        names = _names_from(t12, "T12", n)
-        confidence = 0.85
-    else:
-        uncertain = True
-        confidence = 0.2
-        names = _guess_names(segs, any_rib_idx, n)
-        warnings.append("no anatomical anchor (sacrum or last rib) in view; level names are a guess")
+    # (how far above the scan's caudal end each body's top, where rib heads articulate, lies)
+    body_top_mm = {i + 1: (o[0].stop - 1) * sp for i, o in enumerate(ndi.find_objects(bodies)) if o is not None}
+    names, confidence, uncertain, t12 = _name_levels(segs, sacrum_seg, body_top_mm, warnings)
 
     # --- labels in VerSe ids on the native grid ------------------------------------------------
     report(progress, 0.9, "builtin: writing labels")
@@ -1358,6 +1313,62 @@ def _find_sacrum(segs, vert, dx, anterior):
     if k + 1 < len(scores) and scores[k + 1] > 0.5 * scores[k]:
         return None
     return k
+
+
+def _name_levels(segs, sacrum_seg, body_top_mm, warnings):
+    """Level names (caudal -> cranial) from the anchors in view: the sacrum for L5 and the
+    lowest rib-bearing vertebra for T12, both when both are seen (a transitional spine with 4 or
+    6 lumbar vertebrae is named from both and flagged), a flagged guess when neither is.
+    `body_top_mm`: per working label, how far above the scan's caudal end its body's top lies.
+    Returns (names, confidence, uncertain, index of T12 or None); warnings are appended."""
+    n = len(segs)
+    rib_idx = [i for i, sg in enumerate(segs) if sg.ribs > 0]
+    # Ribs cut short by the scan's end: a rib-bearing vertebra for a guess, not an anchor.
+    any_rib_idx = [i for i, sg in enumerate(segs) if sg.rib_bearing]
+    # The lowest rib-bearing vertebra is T12 only when a rib-free vertebra is seen below it.
+    # ... and only when the scan reaches far enough below that one's rib heads (at the top of its
+    # body) to show a rib leaving the column: ribs descend laterally from their heads, so a
+    # vertebra cut short by the scan's caudal end may hide its ribs, and a thoracic slab would
+    # be named T12/L1 with confidence.
+    t12 = None
+    if rib_idx and rib_idx[0] > (0 if sacrum_seg is None else 1) and any_rib_idx[0] == rib_idx[0]:
+        if body_top_mm.get(segs[rib_idx[0] - 1].label, 0.0) >= RIB_VIEW_BELOW_HEAD_MM:
+            t12 = rib_idx[0]
+        else:
+            warnings.append("the vertebra below the lowest rib-bearing one is cut by the field of view; "
+                            "its ribs may be out of view, so the last rib is not confirmed")
+    uncertain = False
+    confidence = 0.95
+    if sacrum_seg is not None and t12 is not None:
+        names = _names_from(sacrum_seg, "sacrum", n)
+        n_lumbar = t12 - sacrum_seg - 1
+        if n_lumbar != 5:
+            warnings.append(f"{n_lumbar} rib-free vertebrae between the sacrum and the last rib-bearing "
+                            "vertebra; lumbar levels named from the sacrum")
+            if n_lumbar in (4, 6):
+                # A transitional spine: lumbar from the sacrum (L6 when six), thoracic from the ribs.
+                # caudal -> cranial; VerSe calls the sixth lumbar vertebra (the lowest) L6.
+                lumb = ["L6", "L5", "L4", "L3", "L2", "L1"] if n_lumbar == 6 else ["L5", "L4", "L3", "L2"]
+                thor = _names_from(t12, "T12", n)
+                for i in range(t12, n):
+                    names[i] = thor[i]
+                for k, i in enumerate(range(sacrum_seg + 1, t12)):
+                    names[i] = lumb[k]
+            for i in range(sacrum_seg + 1, min(n, t12 + 1)):
+                segs[i].flags.append("anchor_conflict")
+            confidence = 0.6
+    elif sacrum_seg is not None:
+        names = _names_from(sacrum_seg, "sacrum", n)
+        confidence = 0.9
+    elif t12 is not None:
+        names = _names_from(t12, "T12", n)
+        confidence = 0.85
+    else:
+        uncertain = True
+        confidence = 0.2
+        names = _guess_names(segs, any_rib_idx, n)
+        warnings.append("no anatomical anchor (sacrum or last rib) in view; level names are a guess")
+    return names, confidence, uncertain, t12
 
 
 def _guess_names(segs, rib_idx, n):
