@@ -928,36 +928,8 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     report(progress, 0.8, "builtin: naming levels")
     ribs = _find_ribs(segs, vert, bodies, bone, box, dx, sp)
     _find_rib_stubs(segs, vert, bodies, dx, dy, sp)
-    # Ribs cut short by the scan's end: a rib-bearing vertebra for a guess, not an anchor.
-    any_rib_idx = [i for i, sg in enumerate(segs) if sg.rib_bearing]
-    # Rib heads and necks inside the column box belong to the ribs: thoracic vertebrae are
-    # narrower than the box (transverse processes end about 30 mm from the midline).
-    if any_rib_idx:
-        is_thoracic = np.zeros(256, bool)
-        for sg in segs[any_rib_idx[0]:]:
-            is_thoracic[sg.label] = True
-        adx = np.abs(dx)
-        # Follow each rib medially through the labelled bone beside the body and in front of
-        # the transverse processes (rib neck and head), and give that bone back to the rib.
-        # (The path is taken before the width cut below, which would break it between the box
-        # wall and the rib neck.)
-        rib_zone = (adx > RIB_HEAD_MIN_MM) & (dy < 2.0)
-        path = is_thoracic[vert] & rib_zone
-        vert[is_thoracic[vert] & (adx > _tp_reach_mm(segs, bodies, is_thoracic, adx)[vert])] = 0
-        bodies[is_thoracic[bodies] & (adx > THORACIC_BODY_HALF_WIDTH_MM)] = 0
-        grown = ribs & ~box
-        steps = int(np.ceil((ROI_LATERAL_MM - RIB_HEAD_MIN_MM) / sp)) + 2
-        grown = ndi.binary_dilation(grown, iterations=steps, mask=grown | path)
-        vert[grown & path] = 0
-        bodies[grown & path] = 0
-        # The path stops a few voxels short of the head where the neck runs obliquely; what is
-        # left sticks out of the body's rounded outline as a spur attached to the removed rib.
-        # An axial opening wider than the neck tells that spur from the body (extra path steps
-        # ran on into the bodies instead).
-        _drop_rib_spurs(vert, bodies, is_thoracic, grown & path, rib_zone,
-                        (adx > THORACIC_BODY_HALF_WIDTH_MM) & (dy < 0.0), sp)
-        del adx, rib_zone, path, grown
-    del dy
+    _give_rib_heads_back(segs, vert, bodies, ribs, box, dx, dy, sp)
+    del dy, ribs
     sacrum_seg = _find_sacrum(segs, vert, dx, anterior)
     # (how far above the scan's caudal end each body's top, where rib heads articulate, lies)
     body_top_mm = {i + 1: (o[0].stop - 1) * sp for i, o in enumerate(ndi.find_objects(bodies)) if o is not None}
@@ -965,24 +937,8 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
 
     # --- labels in VerSe ids on the native grid ------------------------------------------------
     report(progress, 0.9, "builtin: writing labels")
-    lut = np.zeros(256, np.uint8)
-    for sg, name in zip(segs, names):
-        sg.name = name
-        if name:
-            lut[sg.label] = lv.level_id(name)
-    vert_native = _to_native(lut[vert], grid, image)
-    body_lut = lut.copy()
-    if sacrum_seg is not None:
-        body_lut[segs[sacrum_seg].label] = lv.level_id("sacrum")
-    bodies_native = _to_native(body_lut[bodies], grid, image)
+    vert_native, bodies_native = _native_labels(segs, names, sacrum_seg, vert, bodies, grid, image, progress)
     del vert, bodies
-    if sp / native_min >= 1.4:
-        report(progress, 0.95, "builtin: refining outlines")
-        vert_native, bodies_native = _refine_native(vert_native, bodies_native, image, sp)
-    # The outline on the native HU, drawn only now so that disc finding saw the full column: one
-    # voxel layer at most (a low-density body keeps its interior).
-    vert_native, bodies_native = _trim_outline(vert_native, bodies_native, image,
-                                               EDGE_FRACTION_COARSE if native_min >= 2.5 else EDGE_FRACTION)
 
     levels = _records(segs, vert_native, bodies_native, image, grid, confidence, uncertain)
     if len([r for r in levels if r.name != "sacrum"]) < max(1, min_levels):
@@ -1043,6 +999,29 @@ def _blood_pools(blood, hu_s, body, canal, front_mm, crop, sp):
     pool = np.zeros(blood.shape, bool)
     pool[crop] = core
     return pool
+
+
+def _native_labels(segs, names, sacrum_seg, vert, bodies, grid, image, progress=None):
+    """Working labels -> VerSe ids on the input grid (whole vertebrae, bodies), the outlines
+    redrawn on the native HU. The anchoring sacrum segment's body label is the sacrum's."""
+    lut = np.zeros(256, np.uint8)
+    for sg, name in zip(segs, names):
+        sg.name = name
+        if name:
+            lut[sg.label] = lv.level_id(name)
+    vert_native = _to_native(lut[vert], grid, image)
+    body_lut = lut.copy()
+    if sacrum_seg is not None:
+        body_lut[segs[sacrum_seg].label] = lv.level_id("sacrum")
+    bodies_native = _to_native(body_lut[bodies], grid, image)
+    native_min = float(min(image.spacing_mm))
+    if grid.spacing_mm / native_min >= 1.4:
+        report(progress, 0.95, "builtin: refining outlines")
+        vert_native, bodies_native = _refine_native(vert_native, bodies_native, image, grid.spacing_mm)
+    # The outline on the native HU, drawn only now so that disc finding saw the full column: one
+    # voxel layer at most (a low-density body keeps its interior).
+    return _trim_outline(vert_native, bodies_native, image,
+                         EDGE_FRACTION_COARSE if native_min >= 2.5 else EDGE_FRACTION)
 
 
 def _fill_body_holes(vert: np.ndarray, bodies: np.ndarray) -> None:
@@ -1129,6 +1108,38 @@ def _refine_native(vert: np.ndarray, bodies: np.ndarray, image: Image, sp: float
     vert[crop] = new_v
     bodies[crop] = new_b
     return vert, bodies
+
+
+def _give_rib_heads_back(segs, vert, bodies, ribs, box, dx, dy, sp):
+    """Rib heads and necks inside the column box belong to the ribs (in place): thoracic
+    vertebrae (the rib-bearing ones and all above them, rib stubs included) are narrower than the
+    box, their transverse processes end about 30 mm from the midline."""
+    any_rib_idx = [i for i, sg in enumerate(segs) if sg.rib_bearing]
+    if not any_rib_idx:
+        return
+    is_thoracic = np.zeros(256, bool)
+    for sg in segs[any_rib_idx[0]:]:
+        is_thoracic[sg.label] = True
+    adx = np.abs(dx)
+    # Follow each rib medially through the labelled bone beside the body and in front of
+    # the transverse processes (rib neck and head), and give that bone back to the rib.
+    # (The path is taken before the width cut below, which would break it between the box
+    # wall and the rib neck.)
+    rib_zone = (adx > RIB_HEAD_MIN_MM) & (dy < 2.0)
+    path = is_thoracic[vert] & rib_zone
+    vert[is_thoracic[vert] & (adx > _tp_reach_mm(segs, bodies, is_thoracic, adx)[vert])] = 0
+    bodies[is_thoracic[bodies] & (adx > THORACIC_BODY_HALF_WIDTH_MM)] = 0
+    grown = ribs & ~box
+    steps = int(np.ceil((ROI_LATERAL_MM - RIB_HEAD_MIN_MM) / sp)) + 2
+    grown = ndi.binary_dilation(grown, iterations=steps, mask=grown | path)
+    vert[grown & path] = 0
+    bodies[grown & path] = 0
+    # The path stops a few voxels short of the head where the neck runs obliquely; what is
+    # left sticks out of the body's rounded outline as a spur attached to the removed rib.
+    # An axial opening wider than the neck tells that spur from the body (extra path steps
+    # ran on into the bodies instead).
+    _drop_rib_spurs(vert, bodies, is_thoracic, grown & path, rib_zone,
+                    (adx > THORACIC_BODY_HALF_WIDTH_MM) & (dy < 0.0), sp)
 
 
 def _tp_reach_mm(segs, bodies, is_thoracic, adx):
