@@ -12,9 +12,10 @@ Pipeline (all on an internal axis-aligned LPS grid of 1.5-2 mm, labels mapped ba
    scoliosis), gaps bridged, extrapolated along the sacral curve;
 4. column = solid bone in a box around the canal, minus the canal; contrast blood pools too
    thick for any vertebral body (heart chambers) are removed; a long, homogeneous,
-   off-midline tube in front of the bodies (contrast aorta) is removed, and so are pieces of
-   its lumen HU hanging on the column by thin contacts (its branches); body = the column part
-   anterior to the canal's anterior wall;
+   off-midline tube in front of the bodies (contrast aorta; also searched in narrower HU bands,
+   where at coarse spacing its lumen stands apart from blurred marrow) is removed with its rim,
+   and so are pieces of its lumen HU hanging on the column by thin contacts (its branches);
+   body = the column part anterior to the canal's anterior wall;
 5. discs = deep minima of the density-weighted body profile along the body centreline, over
    slabs tilted -30..30 degrees (the L5/S1 disc), gaps filled where the disc spacing expects one;
    where no disc is sure (a short slab), thin dark bands between two bright endplates in a
@@ -81,6 +82,8 @@ ENDPLATE_CONTRAST_HU = 40.0  # a disc band is this much darker than the endplate
 DEFAULT_PITCH_MM = 30.0  # vertebra + disc height when too few discs are seen to measure it
 TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # sagittal tilts of the disc-finding slabs
 VESSEL_HU = (160.0, 520.0)  # contrast-filled aorta (arterial phase up to ~350-450 HU)
+VESSEL_BAND_HU = 120.0   # ... also searched in narrower bands this wide (a 3 mm lumen apart from blurred marrow)
+VESSEL_BAND_STEP_HU = 40.0
 VESSEL_MIN_LENGTH_MM = 70.0  # the aorta runs past several levels; a body ends at its discs
 VESSEL_ERODE = 1         # in-plane erosion that cuts a vessel's contact with the bodies
 VESSEL_MAX_AREA_MM2 = 700.0  # larger cross-sections are vessel merged with a body: kept
@@ -631,13 +634,21 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         # (a vessel running into a pool keeps only part of its cross-section there)
         pool_edge = ndi.binary_dilation(pool, structure=_SLICE, iterations=2) & ~pool
     del pool
-    # One in-plane erosion cuts the thin contacts between the vessel and the bodies.
+    # One in-plane erosion cuts the thin contacts between the vessel and the bodies. At coarse
+    # spacing the bodies' blurred marrow falls in the wide blood band too and stays joined to the
+    # lumen after the erosion: narrower bands then hold the lumen apart from the marrow (and from
+    # the cortex), each put through the same tube tests. (All within the front crop: no candidate
+    # lies outside it.)
     cand_full = cand
-    cand = ndi.binary_erosion(cand, structure=_SLICE, iterations=VESSEL_ERODE)
-    lab, n = ndi.label(cand)
+    h_fc, dx_fc, vessel_fc, edge_fc = hu_s[fc], np.broadcast_to(dx, hu.shape)[fc], vessel[fc], pool_edge[fc]
     lumen_max_hu = -np.inf
     lumen_min_hu = np.inf
-    if n:
+    for band_i, (lo_hu, hi_hu) in enumerate(_vessel_bands()):
+        cand = ndi.binary_erosion(cand_full[fc] & (h_fc > lo_hu) & (h_fc < hi_hu), structure=_SLICE,
+                                  iterations=VESSEL_ERODE)
+        lab, n = ndi.label(cand)
+        if not n:
+            continue
         objs = ndi.find_objects(lab)
         sizes = np.bincount(lab.ravel(), minlength=n + 1)
         for i, o in enumerate(objs):
@@ -650,7 +661,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                 continue
             comp = lab[o] == i + 1
             # The aorta runs beside the midline; bodies (and a column merged with them) straddle it.
-            mid_vox = comp & (np.abs(np.broadcast_to(dx, lab.shape)[o]) < 8.0)
+            mid_vox = comp & (np.abs(dx_fc[o]) < 8.0)
             if mid_vox.sum() < 0.35 * comp.sum():
                 per_slice = comp.sum(axis=(1, 2)) * sp * sp
                 # Clean slices: a vessel-sized cross-section away from the midline (a slice
@@ -661,26 +672,32 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                 # tube partly hidden in a blood pool).
                 if good.any():
                     ref_area = float(np.median(per_slice[good]))
-                    in_pool = (comp & pool_edge[o]).any(axis=(1, 2))
+                    in_pool = (comp & edge_fc[o]).any(axis=(1, 2))
                     good &= (np.abs(per_slice - ref_area) < 0.3 * ref_area) | (
                         in_pool & (per_slice < 1.3 * ref_area))
+                homogeneous = False
                 if good.any():
                     # The lumen's own HU (contrast is uniform along the tube): brighter voxels
                     # next to it are cortex or a calcified wall, and stay.
-                    lumen_hu = hu_s[o][comp & good[:, None, None]]
+                    lumen_hu = h_fc[o][comp & good[:, None, None]]
                     q1, q3 = np.percentile(lumen_hu, [25, 75])
                     # Only a homogeneous tube sets the lumen's HU range: on a short scan a tube
                     # of dense marrow and disc (the bodies themselves) passes the tests above;
                     # it is taken out as before, but its HU would let the vessel's growth
                     # below eat cortex (real 2 mm slab: marrow tube IQR 126 HU, aorta 10 HU).
-                    if q3 - q1 <= VESSEL_MAX_IQR_HU:
+                    homogeneous = q3 - q1 <= VESSEL_MAX_IQR_HU
+                    if homogeneous:
                         # (Tukey's fences drop the few marrow / cortex voxels the tube takes in)
                         fence = 1.5 * (q3 - q1)
                         lumen_hu = lumen_hu[(lumen_hu >= q1 - fence) & (lumen_hu <= q3 + fence)]
                         lumen_max_hu = max(lumen_max_hu, float(np.percentile(lumen_hu, 99)) + VESSEL_LUMEN_MARGIN_HU)
                         lumen_min_hu = min(lumen_min_hu, float(np.percentile(lumen_hu, 1)) - VESSEL_LUMEN_MARGIN_HU)
                     del lumen_hu
-                vessel[o] |= comp & good[:, None, None]
+                # (a narrow band's tube must be homogeneous to be taken out at all: its band alone
+                # caps the spread, and no more than a lumen is wanted from it)
+                if band_i and not homogeneous:
+                    continue
+                vessel_fc[o] |= comp & good[:, None, None]
                 # Slices where the vessel has merged with a body (too big a cross-section): the
                 # tube's cross-section carried over from the clean slices around (centre and
                 # radius interpolated), so the body's own bone stays.
@@ -697,21 +714,33 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                         r_k = np.interp(k, kz, rad) + 0.5
                         tube = (yy_o - c_y) ** 2 + (xx_o - c_x) ** 2 <= r_k ** 2
                         k_o = (o[0].start + k, o[1], o[2])
-                        vessel[k_o] |= tube & cand[k_o] & (hu_s[k_o] < lumen_max_hu)
-        if vessel.any():
-            vessel |= (ndi.binary_dilation(vessel, structure=_SLICE, iterations=VESSEL_ERODE) & cand_full
-                       & (hu_s < lumen_max_hu))
-            # The lumen's rim next to a body lies within the cortex clearance, so it was never a
-            # blood candidate (a calcified wall is cortex-bright too): grown there over lumen-HU
-            # voxels in front of the canal that no cortical ring encloses in-plane (portal-venous
-            # marrow has the lumen's HU, but it lies inside the body's ring; the ring is brighter).
-            h = hu_s[fc]
-            room = zone[fc] & (h < lumen_max_hu) & (h > lumen_min_hu) & (enc_fc < VESSEL_ENCLOSED_DIRS)
-            del h
-            vessel[fc] = ndi.binary_dilation(vessel[fc], structure=_SLICE, mask=room | vessel[fc],
-                                             iterations=max(1, int(round(VESSEL_RIM_MM / sp))))
-            del room
-            column &= ~vessel
+                        vessel_fc[k_o] |= tube & cand[k_o] & (h_fc[k_o] < lumen_max_hu)
+    del h_fc, dx_fc, vessel_fc, edge_fc
+    if vessel.any():
+        vessel |= (ndi.binary_dilation(vessel, structure=_SLICE, iterations=VESSEL_ERODE) & cand_full
+                   & (hu_s < lumen_max_hu))
+        # The lumen's rim next to a body lies within the cortex clearance, so it was never a
+        # blood candidate (a calcified wall is cortex-bright too): grown there over lumen-HU
+        # voxels in front of the canal that no cortical ring encloses in-plane (portal-venous
+        # marrow has the lumen's HU, but it lies inside the body's ring; the ring is brighter).
+        h = hu_s[fc]
+        room = zone[fc] & (h < lumen_max_hu) & (h > lumen_min_hu) & (enc_fc < VESSEL_ENCLOSED_DIRS)
+        del h
+        vessel[fc] = ndi.binary_dilation(vessel[fc], structure=_SLICE, mask=room | vessel[fc],
+                                         iterations=max(1, int(round(VESSEL_RIM_MM / sp))))
+        del room
+        if lumen_min_hu < lumen_max_hu:
+            # The lumen's partial-volume rim, darker than the lumen (a voxel or two thick at
+            # coarse spacing, and trabecular-bright): grown downhill only, each voxel no
+            # brighter than its grown neighbour, so it stops in the soft-tissue valley before a
+            # body, and never over a voxel of lumen HU or brighter, so never across a cortex.
+            # (The lumen counts as bone in the enclosure count: that count cannot guard it.)
+            v, h = vessel[fc], hu_s[fc]
+            lower = zone[fc] & (h < lumen_min_hu)
+            for _ in range(max(1, int(round(VESSEL_RIM_MM / sp)))):
+                v |= lower & (h <= ndi.maximum_filter(np.where(v, h, -np.inf), footprint=_SLICE))
+            del v, h, lower
+        column &= ~vessel
     del lab, cand, cand_full, pool_edge, enc_fc
     # Low-density bodies whose cortical ring is not closed in a slice (thin cortex, partial
     # volume): close small gaps in-plane and fill, within the body zone only.
@@ -959,6 +988,13 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                         "rib_bearing_levels": [sg.name for sg in segs if sg.rib_bearing and sg.name]},
         },
     )
+
+
+def _vessel_bands():
+    """HU bands the vessel tubes are searched in: all blood candidates first (the contrast band
+    and portal-venous blood), then narrower bands stepped over VESSEL_HU."""
+    lo = np.arange(VESSEL_HU[0], VESSEL_HU[1] - VESSEL_BAND_HU + 1.0, VESSEL_BAND_STEP_HU)
+    return [(-np.inf, np.inf)] + [(float(a), float(a + VESSEL_BAND_HU)) for a in lo]
 
 
 def _front_crop(canal, z_lo, z_hi, shape, sp):
