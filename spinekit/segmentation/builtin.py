@@ -634,114 +634,11 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         # (a vessel running into a pool keeps only part of its cross-section there)
         pool_edge = ndi.binary_dilation(pool, structure=_SLICE, iterations=2) & ~pool
     del pool
-    # One in-plane erosion cuts the thin contacts between the vessel and the bodies. At coarse
-    # spacing the bodies' blurred marrow falls in the wide blood band too and stays joined to the
-    # lumen after the erosion: narrower bands then hold the lumen apart from the marrow (and from
-    # the cortex), each put through the same tube tests. (All within the front crop: no candidate
-    # lies outside it.)
-    cand_full = cand
-    h_fc, dx_fc, vessel_fc, edge_fc = hu_s[fc], np.broadcast_to(dx, hu.shape)[fc], vessel[fc], pool_edge[fc]
-    lumen_max_hu = -np.inf
-    lumen_min_hu = np.inf
-    for band_i, (lo_hu, hi_hu) in enumerate(_vessel_bands()):
-        cand = ndi.binary_erosion(cand_full[fc] & (h_fc > lo_hu) & (h_fc < hi_hu), structure=_SLICE,
-                                  iterations=VESSEL_ERODE)
-        lab, n = ndi.label(cand)
-        if not n:
-            continue
-        objs = ndi.find_objects(lab)
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)
-        for i, o in enumerate(objs):
-            if o is None:
-                continue
-            z_ext = (o[0].stop - o[0].start) * sp
-            area = sizes[i + 1] * sp ** 3 / max(z_ext, sp)
-            # A short scan (a few vertebrae) holds less aorta: a tube through nearly all of it.
-            if not (z_ext >= min(VESSEL_MIN_LENGTH_MM, 0.8 * nz * sp) and 60.0 <= area <= 800.0):
-                continue
-            comp = lab[o] == i + 1
-            # The aorta runs beside the midline; bodies (and a column merged with them) straddle it.
-            mid_vox = comp & (np.abs(dx_fc[o]) < 8.0)
-            if mid_vox.sum() < 0.35 * comp.sum():
-                per_slice = comp.sum(axis=(1, 2)) * sp * sp
-                # Clean slices: a vessel-sized cross-section away from the midline (a slice
-                # holding body bone straddles the midline).
-                good = ((per_slice >= 60.0) & (per_slice <= VESSEL_MAX_AREA_MM2)
-                        & (mid_vox.sum(axis=(1, 2)) * sp * sp < 0.35 * np.maximum(per_slice, 1.0)))
-                # ... of the tube's own size (a partly merged slice is bigger; a smaller one is the
-                # tube partly hidden in a blood pool).
-                if good.any():
-                    ref_area = float(np.median(per_slice[good]))
-                    in_pool = (comp & edge_fc[o]).any(axis=(1, 2))
-                    good &= (np.abs(per_slice - ref_area) < 0.3 * ref_area) | (
-                        in_pool & (per_slice < 1.3 * ref_area))
-                homogeneous = False
-                if good.any():
-                    # The lumen's own HU (contrast is uniform along the tube): brighter voxels
-                    # next to it are cortex or a calcified wall, and stay.
-                    lumen_hu = h_fc[o][comp & good[:, None, None]]
-                    q1, q3 = np.percentile(lumen_hu, [25, 75])
-                    # Only a homogeneous tube sets the lumen's HU range: on a short scan a tube
-                    # of dense marrow and disc (the bodies themselves) passes the tests above;
-                    # it is taken out as before, but its HU would let the vessel's growth
-                    # below eat cortex (real 2 mm slab: marrow tube IQR 126 HU, aorta 10 HU).
-                    homogeneous = q3 - q1 <= VESSEL_MAX_IQR_HU
-                    if homogeneous:
-                        # (Tukey's fences drop the few marrow / cortex voxels the tube takes in)
-                        fence = 1.5 * (q3 - q1)
-                        lumen_hu = lumen_hu[(lumen_hu >= q1 - fence) & (lumen_hu <= q3 + fence)]
-                        lumen_max_hu = max(lumen_max_hu, float(np.percentile(lumen_hu, 99)) + VESSEL_LUMEN_MARGIN_HU)
-                        lumen_min_hu = min(lumen_min_hu, float(np.percentile(lumen_hu, 1)) - VESSEL_LUMEN_MARGIN_HU)
-                    del lumen_hu
-                # (a narrow band's tube must be homogeneous to be taken out at all: its band alone
-                # caps the spread, and no more than a lumen is wanted from it)
-                if band_i and not homogeneous:
-                    continue
-                vessel_fc[o] |= comp & good[:, None, None]
-                # Slices where the vessel has merged with a body (too big a cross-section): the
-                # tube's cross-section carried over from the clean slices around (centre and
-                # radius interpolated), so the body's own bone stays.
-                kz = np.nonzero(good)[0]
-                bad = np.nonzero(~good & (per_slice > 0))[0]
-                if kz.size >= 2 and bad.size:
-                    cen = np.array([np.argwhere(comp[k]).mean(axis=0) for k in kz])
-                    rad = np.full(kz.size, np.sqrt(ref_area / np.pi) / sp)
-                    yy_o = np.arange(o[1].start, o[1].stop)[:, None] - o[1].start
-                    xx_o = np.arange(o[2].start, o[2].stop)[None, :] - o[2].start
-                    for k in bad:
-                        c_y = np.interp(k, kz, cen[:, 0])
-                        c_x = np.interp(k, kz, cen[:, 1])
-                        r_k = np.interp(k, kz, rad) + 0.5
-                        tube = (yy_o - c_y) ** 2 + (xx_o - c_x) ** 2 <= r_k ** 2
-                        k_o = (o[0].start + k, o[1], o[2])
-                        vessel_fc[k_o] |= tube & cand[k_o] & (h_fc[k_o] < lumen_max_hu)
-    del h_fc, dx_fc, vessel_fc, edge_fc
-    if vessel.any():
-        vessel |= (ndi.binary_dilation(vessel, structure=_SLICE, iterations=VESSEL_ERODE) & cand_full
-                   & (hu_s < lumen_max_hu))
-        # The lumen's rim next to a body lies within the cortex clearance, so it was never a
-        # blood candidate (a calcified wall is cortex-bright too): grown there over lumen-HU
-        # voxels in front of the canal that no cortical ring encloses in-plane (portal-venous
-        # marrow has the lumen's HU, but it lies inside the body's ring; the ring is brighter).
-        h = hu_s[fc]
-        room = zone[fc] & (h < lumen_max_hu) & (h > lumen_min_hu) & (enc_fc < VESSEL_ENCLOSED_DIRS)
-        del h
-        vessel[fc] = ndi.binary_dilation(vessel[fc], structure=_SLICE, mask=room | vessel[fc],
-                                         iterations=max(1, int(round(VESSEL_RIM_MM / sp))))
-        del room
-        if lumen_min_hu < lumen_max_hu:
-            # The lumen's partial-volume rim, darker than the lumen (a voxel or two thick at
-            # coarse spacing, and trabecular-bright): grown downhill only, each voxel no
-            # brighter than its grown neighbour, so it stops in the soft-tissue valley before a
-            # body, and never over a voxel of lumen HU or brighter, so never across a cortex.
-            # (The lumen counts as bone in the enclosure count: that count cannot guard it.)
-            v, h = vessel[fc], hu_s[fc]
-            lower = zone[fc] & (h < lumen_min_hu)
-            for _ in range(max(1, int(round(VESSEL_RIM_MM / sp)))):
-                v |= lower & (h <= ndi.maximum_filter(np.where(v, h, -np.inf), footprint=_SLICE))
-            del v, h, lower
-        column &= ~vessel
-    del lab, cand, cand_full, pool_edge, enc_fc
+    found, lumen_min_hu, lumen_max_hu = _find_vessels(cand[fc], zone[fc], pool_edge[fc], hu_s[fc],
+                                                      np.broadcast_to(dx, hu.shape)[fc], enc_fc, nz, sp)
+    vessel[fc] = found
+    column &= ~vessel
+    del cand, pool_edge, enc_fc, found
     # Low-density bodies whose cortical ring is not closed in a slice (thin cortex, partial
     # volume): close small gaps in-plane and fill, within the body zone only.
     r = max(1, int(round(BODY_CLOSING_MM / sp)))
@@ -988,6 +885,115 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                         "rib_bearing_levels": [sg.name for sg in segs if sg.rib_bearing and sg.name]},
         },
     )
+
+
+def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, enc_fc, nz, sp):
+    """A contrast-filled aorta (and its rim) among the blood-like candidates in front of the
+    canal, all arrays cropped to the front crop: `zone_fc` where vessels are looked for, `edge_fc`
+    the rim of blood pools, `h_fc` smoothed HU, `dx_fc` mm from the canal's centre line,
+    `enc_fc` in-plane directions with bone, `nz` slices in the scan. Returns the vessel mask and
+    the lumen's HU range (-inf/inf when no homogeneous tube was seen)."""
+    # One in-plane erosion cuts the thin contacts between the vessel and the bodies. At coarse
+    # spacing the bodies' blurred marrow falls in the wide blood band too and stays joined to the
+    # lumen after the erosion: narrower bands then hold the lumen apart from the marrow (and from
+    # the cortex), each put through the same tube tests. (All within the front crop: no candidate
+    # lies outside it.)
+    vessel_fc = np.zeros_like(cand_full)
+    lumen_max_hu = -np.inf
+    lumen_min_hu = np.inf
+    for band_i, (lo_hu, hi_hu) in enumerate(_vessel_bands()):
+        cand = ndi.binary_erosion(cand_full & (h_fc > lo_hu) & (h_fc < hi_hu), structure=_SLICE,
+                                  iterations=VESSEL_ERODE)
+        lab, n = ndi.label(cand)
+        if not n:
+            continue
+        objs = ndi.find_objects(lab)
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        for i, o in enumerate(objs):
+            if o is None:
+                continue
+            z_ext = (o[0].stop - o[0].start) * sp
+            area = sizes[i + 1] * sp ** 3 / max(z_ext, sp)
+            # A short scan (a few vertebrae) holds less aorta: a tube through nearly all of it.
+            if not (z_ext >= min(VESSEL_MIN_LENGTH_MM, 0.8 * nz * sp) and 60.0 <= area <= 800.0):
+                continue
+            comp = lab[o] == i + 1
+            # The aorta runs beside the midline; bodies (and a column merged with them) straddle it.
+            mid_vox = comp & (np.abs(dx_fc[o]) < 8.0)
+            if mid_vox.sum() < 0.35 * comp.sum():
+                per_slice = comp.sum(axis=(1, 2)) * sp * sp
+                # Clean slices: a vessel-sized cross-section away from the midline (a slice
+                # holding body bone straddles the midline).
+                good = ((per_slice >= 60.0) & (per_slice <= VESSEL_MAX_AREA_MM2)
+                        & (mid_vox.sum(axis=(1, 2)) * sp * sp < 0.35 * np.maximum(per_slice, 1.0)))
+                # ... of the tube's own size (a partly merged slice is bigger; a smaller one is the
+                # tube partly hidden in a blood pool).
+                if good.any():
+                    ref_area = float(np.median(per_slice[good]))
+                    in_pool = (comp & edge_fc[o]).any(axis=(1, 2))
+                    good &= (np.abs(per_slice - ref_area) < 0.3 * ref_area) | (
+                        in_pool & (per_slice < 1.3 * ref_area))
+                homogeneous = False
+                if good.any():
+                    # The lumen's own HU (contrast is uniform along the tube): brighter voxels
+                    # next to it are cortex or a calcified wall, and stay.
+                    lumen_hu = h_fc[o][comp & good[:, None, None]]
+                    q1, q3 = np.percentile(lumen_hu, [25, 75])
+                    # Only a homogeneous tube sets the lumen's HU range: on a short scan a tube
+                    # of dense marrow and disc (the bodies themselves) passes the tests above;
+                    # it is taken out as before, but its HU would let the vessel's growth
+                    # below eat cortex (real 2 mm slab: marrow tube IQR 126 HU, aorta 10 HU).
+                    homogeneous = q3 - q1 <= VESSEL_MAX_IQR_HU
+                    if homogeneous:
+                        # (Tukey's fences drop the few marrow / cortex voxels the tube takes in)
+                        fence = 1.5 * (q3 - q1)
+                        lumen_hu = lumen_hu[(lumen_hu >= q1 - fence) & (lumen_hu <= q3 + fence)]
+                        lumen_max_hu = max(lumen_max_hu, float(np.percentile(lumen_hu, 99)) + VESSEL_LUMEN_MARGIN_HU)
+                        lumen_min_hu = min(lumen_min_hu, float(np.percentile(lumen_hu, 1)) - VESSEL_LUMEN_MARGIN_HU)
+                    del lumen_hu
+                # (a narrow band's tube must be homogeneous to be taken out at all: its band alone
+                # caps the spread, and no more than a lumen is wanted from it)
+                if band_i and not homogeneous:
+                    continue
+                vessel_fc[o] |= comp & good[:, None, None]
+                # Slices where the vessel has merged with a body (too big a cross-section): the
+                # tube's cross-section carried over from the clean slices around (centre and
+                # radius interpolated), so the body's own bone stays.
+                kz = np.nonzero(good)[0]
+                bad = np.nonzero(~good & (per_slice > 0))[0]
+                if kz.size >= 2 and bad.size:
+                    cen = np.array([np.argwhere(comp[k]).mean(axis=0) for k in kz])
+                    rad = np.full(kz.size, np.sqrt(ref_area / np.pi) / sp)
+                    yy_o = np.arange(o[1].start, o[1].stop)[:, None] - o[1].start
+                    xx_o = np.arange(o[2].start, o[2].stop)[None, :] - o[2].start
+                    for k in bad:
+                        c_y = np.interp(k, kz, cen[:, 0])
+                        c_x = np.interp(k, kz, cen[:, 1])
+                        r_k = np.interp(k, kz, rad) + 0.5
+                        tube = (yy_o - c_y) ** 2 + (xx_o - c_x) ** 2 <= r_k ** 2
+                        k_o = (o[0].start + k, o[1], o[2])
+                        vessel_fc[k_o] |= tube & cand[k_o] & (h_fc[k_o] < lumen_max_hu)
+    if vessel_fc.any():
+        vessel_fc |= (ndi.binary_dilation(vessel_fc, structure=_SLICE, iterations=VESSEL_ERODE) & cand_full
+                      & (h_fc < lumen_max_hu))
+        # The lumen's rim next to a body lies within the cortex clearance, so it was never a
+        # blood candidate (a calcified wall is cortex-bright too): grown there over lumen-HU
+        # voxels in front of the canal that no cortical ring encloses in-plane (portal-venous
+        # marrow has the lumen's HU, but it lies inside the body's ring; the ring is brighter).
+        room = zone_fc & (h_fc < lumen_max_hu) & (h_fc > lumen_min_hu) & (enc_fc < VESSEL_ENCLOSED_DIRS)
+        vessel_fc = ndi.binary_dilation(vessel_fc, structure=_SLICE, mask=room | vessel_fc,
+                                        iterations=max(1, int(round(VESSEL_RIM_MM / sp))))
+        del room
+        if lumen_min_hu < lumen_max_hu:
+            # The lumen's partial-volume rim, darker than the lumen (a voxel or two thick at
+            # coarse spacing, and trabecular-bright): grown downhill only, each voxel no
+            # brighter than its grown neighbour, so it stops in the soft-tissue valley before a
+            # body, and never over a voxel of lumen HU or brighter, so never across a cortex.
+            # (The lumen counts as bone in the enclosure count: that count cannot guard it.)
+            lower = zone_fc & (h_fc < lumen_min_hu)
+            for _ in range(max(1, int(round(VESSEL_RIM_MM / sp)))):
+                vessel_fc |= lower & (h_fc <= ndi.maximum_filter(np.where(vessel_fc, h_fc, -np.inf), footprint=_SLICE))
+    return vessel_fc, lumen_min_hu, lumen_max_hu
 
 
 def _vessel_bands():
