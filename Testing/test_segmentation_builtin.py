@@ -454,13 +454,16 @@ def test_short_dicom_slab_split_into_t12_t11_and_flagged():
     pred = res.vertebrae.array
     d12 = dice(pred == lv.level_id("T12"), ref == lv.level_id("T12"))
     d11 = dice(pred == lv.level_id("T11"), ref == lv.level_id("T11"))
-    # measured T12 0.696, T11 0.334 (was 0.655 / 0.265). The contrast aorta (~150 HU, as bright
+    # measured T12 0.706, T11 0.403 (was 0.696 / 0.334). The contrast aorta (~150 HU, as bright
     # as the marrow) is grown over its rim next to the bodies: 1080 of its voxels stay in the
     # labels (was 2650). T11's pedicles are out of view above the slab, so its arch is seeded up
-    # to the disc plane; TS's T11 is mostly posterior elements, and its spinous process tip,
-    # reaching down beside T12's arch, still goes to T12.
-    assert d12 >= 0.68, d12
-    assert d11 >= 0.32, d11
+    # to the arch plane, which drops behind the canal above the rib-bearing T12 (shingled
+    # laminae): none of TS's T11 arch voxels that we label go to T12 now (816 before). What is
+    # left: TS's T11 holds ~2900 voxels inside T12's body, ~2800 bone-bright voxels of T11's body
+    # in the top slices have no TS label, and the thin arches are half covered after the
+    # native-grid refinement.
+    assert d12 >= 0.70, d12
+    assert d11 >= 0.40, d11
     # (The coverage check this test made while the slab came out as one vertebra is replaced by
     # the per-level Dice above; the bench still prints it: 0.773, the carved disc band is partly
     # T12 in TS's coarse labels.)
