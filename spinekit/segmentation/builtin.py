@@ -495,6 +495,91 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
     return chosen, endplate_only
 
 
+def _disc_planes(column, anterior, hu_s, dx, canal_cx, sp):
+    """The intervertebral disc planes along the body centreline, caudal -> cranial: for the
+    bodies [(point zyx in voxels, unit normal zyx)] tilted to each disc, and for the arches the
+    same points with the untilted normal. Each disc's dark band is carved out of `column` (in
+    place)."""
+    nz = column.shape[0]
+    body_core = column & anterior & (np.abs(dx) < 18.0)
+    zb, yb, xb = np.nonzero(body_core)
+    if zb.size == 0:
+        raise InputError("no vertebral column found in the CT (no vertebral bodies in front of the canal).")
+    cntb = np.bincount(zb, minlength=nz).astype(float)
+    okz = np.nonzero(cntb > 0)[0]
+    bcy = np.bincount(zb, weights=yb, minlength=nz)[okz] / cntb[okz]
+    win = max(3, int(round(30.0 / sp)) | 1)
+    by = _smooth_track(okz.astype(float), bcy, nz, win)
+    # Left-right, the body sits in front of the canal (the canal track is the steadier one).
+    bx = canal_cx.copy()
+    by = ndi.gaussian_filter1d(by, 10.0 / sp)
+    bx = ndi.gaussian_filter1d(bx, 10.0 / sp)
+    s_z, t_z = _curve_coordinates(np.arange(nz, dtype=float), by, bx, sp)
+
+    # Discs are tilted against the centreline normal at the lordotic/kyphotic bends (L5/S1
+    # most): profiles over slabs tilted in the sagittal plane, the deepest one per position.
+    def tilted(t, deg):
+        c, si = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+        return np.stack([t[..., 0] * c - t[..., 1] * si, t[..., 0] * si + t[..., 1] * c, t[..., 2]], axis=-1)
+
+    off = np.stack([np.zeros(zb.size), (yb - by[zb]) * sp, (xb - bx[zb]) * sp], axis=1)
+    s_lo = s_z[zb].min() - 40.0
+    s_hi = s_z[zb].max() + 40.0
+    nb = int(np.ceil((s_hi - s_lo) / sp)) + 1
+    # Weight by density: a tilted disc cut axially looks like a bone ring and gets filled, but
+    # its content (~85 HU) is darker than the bodies' trabecular bone.
+    hu_body = hu_s[zb, yb, xb]
+    w_body = np.clip(hu_body - 50.0, 10.0, 150.0)
+    profiles = []
+    low_profiles = []
+    for deg in TILTS_DEG:
+        n_t = tilted(t_z[zb], deg)
+        sv = s_z[zb] + np.sum(off * n_t, axis=1) / np.maximum(np.sum(t_z[zb] * n_t, axis=1), 0.5)
+        bins = np.clip(((sv - s_lo) / sp).astype(int), 0, nb - 1)
+        profiles.append(ndi.gaussian_filter1d(np.bincount(bins, weights=w_body, minlength=nb), 0.75))
+        low = _binned_percentile(hu_body, bins, nb, ENDPLATE_PERCENTILE)
+        # A tilted slab cut by an end of the field of view samples only part of the body: its
+        # percentile is not comparable with the others (a false endplate at the scan's end). A
+        # slab counts as cut when over half of it lies beyond the body's range (the median
+        # reach; the 95th centile also dropped the last endplate below a slightly oblique
+        # centreline, where the slab is nearly whole).
+        spread = float(np.percentile(np.abs(sv - s_z[zb]), 50)) if zb.size else 0.0
+        centre = s_lo + (np.arange(nb) + 0.5) * sp
+        low[(centre - spread < s_z[zb].min()) | (centre + spread > s_z[zb].max())] = np.nan
+        low_profiles.append(low)
+    profiles = np.array(profiles)
+    prof = profiles.min(axis=0)
+    # Trim the empty margins so end effects do not create discs.
+    nzb = np.nonzero(prof > 0.02 * prof.max())[0]
+    b0, b1 = nzb.min(), nzb.max() + 1
+    low_profiles = np.array(low_profiles)
+    valley, valley_tilt = _endplate_valleys(low_profiles[:, b0:b1], sp)
+    disc_bins, endplate_only = _find_discs(prof[b0:b1], sp, valley)
+    disc_bins = [d + b0 for d in disc_bins]
+    endplate_only = {d + b0 for d in endplate_only}
+    planes = []   # (point zyx in voxels, unit normal zyx)
+    arch_planes = []
+    for d in disc_bins:
+        s_d = s_lo + (d + 0.5) * sp
+        zf = float(np.interp(s_d, s_z, np.arange(nz)))
+        zi = int(round(min(max(zf, 0), nz - 1)))
+        # (a disc seen only as a dark band between endplates: the tilt that shows it best)
+        deg = TILTS_DEG[int(valley_tilt[d - b0]) if d in endplate_only else int(np.argmin(profiles[:, d]))]
+        n_d = tilted(t_z[zi], deg)
+        planes.append((np.array([zf, by[zi], bx[zi]]), n_d / np.linalg.norm(n_d)))
+        # Behind the body the untilted normal: a tilted disc plane (L5/S1) extended backwards
+        # would rise through the arch of the vertebra above.
+        arch_planes.append((np.array([zf, by[zi], bx[zi]]), t_z[zi] / np.linalg.norm(t_z[zi])))
+        # Every disc's content is taken out, not only that of discs seen between endplates: a
+        # thin disc in the kyphotic thorax is cut obliquely by the axial slices, its rim looks like
+        # a cortical ring and gets filled as bone (T4-T10 phantom: the discs held 10-25% of the
+        # bodies' false positives).
+        # (the band's extent from the tilt that shows it darkest between its endplates; the
+        # plane's own tilt: real 3 mm CT L1-L4 0.001-0.003 lower)
+        _carve_disc(column, anterior, hu_s, low_profiles[int(valley_tilt[d - b0])], d, planes[-1], sp)
+    return planes, arch_planes
+
+
 def _carve_disc(column, anterior, hu_s, low, d, plane, sp):
     """Take a disc seen only between its endplates out of the column (in place): its content is
     as bright as marrow, so it was filled in as bone. The disc = the profile bins around `d`
@@ -691,82 +776,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
 
     # --- bodies and discs --------------------------------------------------------------------
     report(progress, 0.5, "builtin: discs and bodies")
-    body_core = column & anterior & (np.abs(dx) < 18.0)
-    zb, yb, xb = np.nonzero(body_core)
-    if zb.size == 0:
-        raise InputError("no vertebral column found in the CT (no vertebral bodies in front of the canal).")
-    cntb = np.bincount(zb, minlength=nz).astype(float)
-    okz = np.nonzero(cntb > 0)[0]
-    bcy = np.bincount(zb, weights=yb, minlength=nz)[okz] / cntb[okz]
-    win = max(3, int(round(30.0 / sp)) | 1)
-    by = _smooth_track(okz.astype(float), bcy, nz, win)
-    # Left-right, the body sits in front of the canal (the canal track is the steadier one).
-    bx = canal["cx"].copy()
-    by = ndi.gaussian_filter1d(by, 10.0 / sp)
-    bx = ndi.gaussian_filter1d(bx, 10.0 / sp)
-    s_z, t_z = _curve_coordinates(np.arange(nz, dtype=float), by, bx, sp)
-
-    # Discs are tilted against the centreline normal at the lordotic/kyphotic bends (L5/S1
-    # most): profiles over slabs tilted in the sagittal plane, the deepest one per position.
-    def tilted(t, deg):
-        c, si = np.cos(np.radians(deg)), np.sin(np.radians(deg))
-        return np.stack([t[..., 0] * c - t[..., 1] * si, t[..., 0] * si + t[..., 1] * c, t[..., 2]], axis=-1)
-
-    off = np.stack([np.zeros(zb.size), (yb - by[zb]) * sp, (xb - bx[zb]) * sp], axis=1)
-    s_lo = s_z[zb].min() - 40.0
-    s_hi = s_z[zb].max() + 40.0
-    nb = int(np.ceil((s_hi - s_lo) / sp)) + 1
-    # Weight by density: a tilted disc cut axially looks like a bone ring and gets filled, but
-    # its content (~85 HU) is darker than the bodies' trabecular bone.
-    hu_body = hu_s[zb, yb, xb]
-    w_body = np.clip(hu_body - 50.0, 10.0, 150.0)
-    profiles = []
-    low_profiles = []
-    for deg in TILTS_DEG:
-        n_t = tilted(t_z[zb], deg)
-        sv = s_z[zb] + np.sum(off * n_t, axis=1) / np.maximum(np.sum(t_z[zb] * n_t, axis=1), 0.5)
-        bins = np.clip(((sv - s_lo) / sp).astype(int), 0, nb - 1)
-        profiles.append(ndi.gaussian_filter1d(np.bincount(bins, weights=w_body, minlength=nb), 0.75))
-        low = _binned_percentile(hu_body, bins, nb, ENDPLATE_PERCENTILE)
-        # A tilted slab cut by an end of the field of view samples only part of the body: its
-        # percentile is not comparable with the others (a false endplate at the scan's end). A
-        # slab counts as cut when over half of it lies beyond the body's range (the median
-        # reach; the 95th centile also dropped the last endplate below a slightly oblique
-        # centreline, where the slab is nearly whole).
-        spread = float(np.percentile(np.abs(sv - s_z[zb]), 50)) if zb.size else 0.0
-        centre = s_lo + (np.arange(nb) + 0.5) * sp
-        low[(centre - spread < s_z[zb].min()) | (centre + spread > s_z[zb].max())] = np.nan
-        low_profiles.append(low)
-    profiles = np.array(profiles)
-    prof = profiles.min(axis=0)
-    # Trim the empty margins so end effects do not create discs.
-    nzb = np.nonzero(prof > 0.02 * prof.max())[0]
-    b0, b1 = nzb.min(), nzb.max() + 1
-    low_profiles = np.array(low_profiles)
-    valley, valley_tilt = _endplate_valleys(low_profiles[:, b0:b1], sp)
-    disc_bins, endplate_only = _find_discs(prof[b0:b1], sp, valley)
-    disc_bins = [d + b0 for d in disc_bins]
-    endplate_only = {d + b0 for d in endplate_only}
-    planes = []   # (point zyx in voxels, unit normal zyx)
-    arch_planes = []
-    for d in disc_bins:
-        s_d = s_lo + (d + 0.5) * sp
-        zf = float(np.interp(s_d, s_z, np.arange(nz)))
-        zi = int(round(min(max(zf, 0), nz - 1)))
-        # (a disc seen only as a dark band between endplates: the tilt that shows it best)
-        deg = TILTS_DEG[int(valley_tilt[d - b0]) if d in endplate_only else int(np.argmin(profiles[:, d]))]
-        n_d = tilted(t_z[zi], deg)
-        planes.append((np.array([zf, by[zi], bx[zi]]), n_d / np.linalg.norm(n_d)))
-        # Behind the body the untilted normal: a tilted disc plane (L5/S1) extended backwards
-        # would rise through the arch of the vertebra above.
-        arch_planes.append((np.array([zf, by[zi], bx[zi]]), t_z[zi] / np.linalg.norm(t_z[zi])))
-        # Every disc's content is taken out, not only that of discs seen between endplates: a
-        # thin disc in the kyphotic thorax is cut obliquely by the axial slices, its rim looks like
-        # a cortical ring and gets filled as bone (T4-T10 phantom: the discs held 10-25% of the
-        # bodies' false positives).
-        # (the band's extent from the tilt that shows it darkest between its endplates; the
-        # plane's own tilt: real 3 mm CT L1-L4 0.001-0.003 lower)
-        _carve_disc(column, anterior, hu_s, low_profiles[int(valley_tilt[d - b0])], d, planes[-1], sp)
+    planes, arch_planes = _disc_planes(column, anterior, hu_s, dx, canal["cx"], sp)
 
     def segment_index(z, y, x):
         idx = np.zeros(z.size, np.int32)
@@ -836,7 +846,6 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
 
     # --- whole vertebrae: watershed from the bodies over the column ----------------------------
     report(progress, 0.65, "builtin: posterior elements")
-    from skimage.segmentation import watershed
 
     if not column.any():
         raise InputError("no vertebral column found in the CT (no bone around the spinal canal).")
@@ -847,17 +856,8 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # pedicles (thick necks) before a neighbour can reach them through a facet joint (thin).
     elev = -ndi.distance_transform_edt(column[crop])
 
-    def flood(slopes):
-        ws = watershed(elev, markers=arch_seeds(slopes)[crop].astype(np.int32), mask=column[crop])
-        # Bone pieces the flood could not reach (detached processes) go to the nearest vertebra.
-        miss = column[crop] & (ws == 0)
-        if miss.any() and (ws > 0).any():
-            _, ind = ndi.distance_transform_edt(ws == 0, return_indices=True)
-            ws[miss] = ws[tuple(i[miss] for i in ind)]
-        return ws.astype(np.uint8)
-
     vert = np.zeros(hu.shape, np.uint8)
-    vert[crop] = flood(np.zeros(len(arch_planes)))
+    vert[crop] = _flood(elev, arch_seeds(np.zeros(len(arch_planes)))[crop], column[crop])
     bodies = np.where(anterior & column, body_markers, 0).astype(np.uint8)
     # Bodies are solid: low-density marrow whose axial ring was open in a slice (thin or
     # partial-volume cortex) is left as a hole; fill it in all three orientations.
@@ -886,7 +886,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         if lo and hi and segs[lo - 1].rib_bearing:
             slopes[k] = THORACIC_ARCH_SLOPE
     if slopes.any():
-        ws = flood(slopes)
+        ws = _flood(elev, arch_seeds(slopes)[crop], column[crop])
         # (voxels the first flood did not label are body holes filled since: they stay)
         vert[crop] = np.where(ws > 0, ws, vert[crop])
         del ws
@@ -922,6 +922,19 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
                         "rib_bearing_levels": [sg.name for sg in segs if sg.rib_bearing and sg.name]},
         },
     )
+
+
+def _flood(elev, markers, mask):
+    """Watershed of the working labels `markers` over `elev` within `mask`; bone pieces the
+    flood cannot reach (detached processes) go to the nearest labelled voxel."""
+    from skimage.segmentation import watershed
+
+    ws = watershed(elev, markers=markers.astype(np.int32), mask=mask)
+    miss = mask & (ws == 0)
+    if miss.any() and (ws > 0).any():
+        _, ind = ndi.distance_transform_edt(ws == 0, return_indices=True)
+        ws[miss] = ws[tuple(i[miss] for i in ind)]
+    return ws.astype(np.uint8)
 
 
 def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, enc_fc, nz, sp):
