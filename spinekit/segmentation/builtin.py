@@ -830,17 +830,19 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # up to the plane. (Real 2 mm slab: T11 has 6 of 352 ring voxels clear; whole vertebrae
     # on phantoms and the 3 mm abdomen keep >= 39%.) Judged on the level planes: the cut is the
     # view's, whatever the slope.
-    idx, clear = ring_sides(np.zeros(len(arch_planes)))
+    level_sides = ring_sides(np.zeros(len(arch_planes)))
+    idx, clear = level_sides
     n_clear = np.bincount(idx[clear], minlength=len(lut_seg))
     n_ring = np.bincount(idx, minlength=len(lut_seg))
     cut = (lut_seg > 0) & (n_clear < PEDICLE_CUT_FRACTION * n_ring)
+    del idx, clear
 
-    def arch_seeds(slopes):
-        """Markers: the bodies, and the ring seeded from the arch planes."""
+    def arch_seeds(sides):
+        """Markers: the bodies, and the ring seeded from `sides` (ring_sides' answer)."""
         seeds = body_markers.copy()
         if zp.size and planes:
-            idx, clear = ring_sides(slopes)
-            clear |= cut[idx]
+            idx, clear = sides
+            clear = clear | cut[idx]
             seeds[zp[clear], yp[clear], xp[clear]] = lut_seg[idx[clear]]
         return seeds
 
@@ -857,7 +859,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     elev = -ndi.distance_transform_edt(column[crop])
 
     vert = np.zeros(hu.shape, np.uint8)
-    vert[crop] = _flood(elev, arch_seeds(np.zeros(len(arch_planes)))[crop], column[crop])
+    vert[crop] = _flood(elev, arch_seeds(level_sides)[crop], column[crop])
     bodies = np.where(anterior & column, body_markers, 0).astype(np.uint8)
     # Bodies are solid: low-density marrow whose axial ring was open in a slice (thin or
     # partial-volume cortex) is left as a hole; fill it in all three orientations.
@@ -886,7 +888,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         if lo and hi and segs[lo - 1].rib_bearing:
             slopes[k] = THORACIC_ARCH_SLOPE
     if slopes.any():
-        ws = _flood(elev, arch_seeds(slopes)[crop], column[crop])
+        ws = _flood(elev, arch_seeds(ring_sides(slopes))[crop], column[crop])
         # (voxels the first flood did not label are body holes filled since: they stay)
         vert[crop] = np.where(ws > 0, ws, vert[crop])
         del ws
