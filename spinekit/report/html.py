@@ -127,7 +127,7 @@ def render_bmd_report(result, image) -> str:
           f"<tr><th class='l'>Contrast phase</th><td class='l'>detected {_fmt(ph.get('detected'))}"
           f" (confidence {_fmt(ph.get('confidence'), 2)}), used {_fmt(ph.get('used'))}, "
           f"{'corrected to native (Toelly 2017)' if ph.get('corrected') else 'no correction'}</td></tr>",
-          f"<tr><th class='l'>Levels excluded from the mean</th><td class='l'>"
+          "<tr><th class='l'>Levels excluded from the mean</th><td class='l'>"
           + (", ".join(f"{html.escape(k)}: {html.escape(v)}" for k, v in (s.get("excluded_levels") or {}).items()) or "none")
           + "</td></tr>",
           "</table>"]
