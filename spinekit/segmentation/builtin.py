@@ -1177,7 +1177,8 @@ def _trim_outline(vert: np.ndarray, bodies: np.ndarray, image: Image, fraction: 
 
 def _shifted(a: np.ndarray, axis: int, step: int, fill=None) -> np.ndarray:
     """out[i] = a[i + step] along `axis`; past the array's end `fill`, or the edge value itself
-    when fill is None (the field of view's end is no surface)."""
+    when fill is None (the field of view's end is no surface). (A slice copy: ndi.shift with
+    order=0 gives the same, 10-40 times slower.)"""
     out = np.empty_like(a)
     src, dst, edge = [slice(None)] * 3, [slice(None)] * 3, [slice(None)] * 3
     if step > 0:
@@ -1207,10 +1208,12 @@ def _past_profile_peak(labels: np.ndarray, in_body: np.ndarray, hu: np.ndarray, 
         if spacing_mm < EDGE_PROFILE_MIN_MM:  # a resolved cortex: the half-maximum rule alone
             continue
         where = fg if axis == 0 else fg & in_body
+        # Neighbour labels and HU on both sides, each the other's inward / outward side.
+        same = {step: _shifted(labels, axis, step) == labels for step in (1, -1)}
+        nb_hu = {step: _shifted(hu, axis, step, np.float32(-2000.0)) for step in (1, -1)}
         for step in (1, -1):
-            face = where & (_shifted(labels, axis, step) != labels) & (_shifted(labels, axis, -step) == labels)
-            inward_hu = _shifted(hu, axis, -step, np.float32(-2000.0))
-            past |= face & (hu - EDGE_BASE_HU < EDGE_PROFILE_FRACTION * (inward_hu - EDGE_BASE_HU))
+            face = where & ~same[step] & same[-step]
+            past |= face & (hu - EDGE_BASE_HU < EDGE_PROFILE_FRACTION * (nb_hu[-step] - EDGE_BASE_HU))
     return past
 
 
@@ -1336,6 +1339,14 @@ def _drop_rib_spurs(vert, bodies, is_thoracic, rib_taken, zone, beside, sp):
     vert[crop][touching(near)] = 0
 
 
+def _body_centres_z(segs, bodies) -> dict[int, float]:
+    """Per working label with a body: the body's mean slice index (one pass over the bodies)."""
+    voxels = np.array([np.bincount(sl.ravel(), minlength=256) for sl in bodies])  # (slice, label)
+    counts = voxels.sum(axis=0)
+    z_sum = np.arange(len(voxels), dtype=float) @ voxels
+    return {sg.label: float(z_sum[sg.label] / counts[sg.label]) for sg in segs if counts[sg.label]}
+
+
 def _rib_level(segs, centre_z, z_root, sp):
     """The vertebra a rib belongs to: the one whose body centre is nearest in height to the
     rib's medial end (ribs slope down, so the label of the bone they touch is less reliable),
@@ -1358,13 +1369,8 @@ def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
         return ribs
     sizes = np.bincount(lab.ravel(), minlength=n + 1) * sp ** 3
     objs = ndi.find_objects(lab)
-    zb = np.nonzero(bodies.any(axis=(1, 2)))[0]
-    centre_z = {}
-    for sg in segs:
-        zz = np.nonzero(bodies == sg.label)[0]
-        if zz.size:
-            centre_z[sg.label] = float(zz.mean())
-    if not centre_z or zb.size == 0:
+    centre_z = _body_centres_z(segs, bodies)
+    if not centre_z:
         return ribs
     # Rib roots: just outside the lateral walls of the box, beside labelled column bone.
     wall = np.broadcast_to((np.abs(dx) >= ROI_LATERAL_MM) & (np.abs(dx) < ROI_LATERAL_MM + RIB_GAP_MM), vert.shape)
@@ -1401,10 +1407,7 @@ def _find_rib_stubs(segs, vert, bodies, dx, dy, sp):
     zc = min(vert.shape[0], ke + int(round(60.0 / sp)))
     if vert.shape[0] <= 2 * ke or not (vert[:ke] > 0).any():
         return
-    # body centres in height (middle of each body's extent)
-    boxes = ndi.find_objects(bodies)
-    centre_z = {sg.label: 0.5 * (boxes[sg.label - 1][0].start + boxes[sg.label - 1][0].stop - 1)
-                for sg in segs if sg.label - 1 < len(boxes) and boxes[sg.label - 1] is not None}
+    centre_z = _body_centres_z(segs, bodies)
     if not centre_z:
         return
     v = vert[:zc] > 0
