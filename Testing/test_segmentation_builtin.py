@@ -168,27 +168,31 @@ def test_osteoporotic_phantom_is_found_and_named_from_the_sacrum():
     _assert_named_and_dice(ph, res, 0.9, 0.9)
 
 
-def test_arterial_aorta_touching_thoracic_bodies_is_removed():
+@pytest.fixture(scope="module")
+def arterial():
+    ph = _phantom(contrast_phase="arterial")
+    return ph, segment_builtin(ph.image)
+
+
+def test_arterial_aorta_touching_thoracic_bodies_is_removed(arterial):
     # Arterial phase: the aorta (contrast, bone-like HU) merges with T11/T12; where it does, its
     # cross-section is carried over from the slices where it stands free.
     # Measured T11 0.925/0.948, T12 0.914/0.931 (whole/body; 0.81/0.74 before); every level
     # 0.905-0.925 / 0.926-0.948 (L5 0.898/0.919 before the iliac branches hanging on L4/L5 by thin
     # contacts were taken out, now 0.908/0.936; L4 0.905 keeps the top of the right common iliac,
     # joined to the L4 body by a bridge of blurred, marrow-bright voxels).
-    ph = _phantom(contrast_phase="arterial")
-    res = segment_builtin(ph.image)
+    ph, res = arterial
     _assert_named_and_dice(ph, res, 0.9, 0.9, levels=("T11", "T12"))
     _assert_named_and_dice(ph, res, 0.9, 0.92)
 
 
-def test_arterial_iliac_arteries_are_not_bone():
+def test_arterial_iliac_arteries_are_not_bone(arterial):
     # The common iliac arteries leave the aorta at L4 and run down in front of L4/L5: too thin
     # (6 mm radius, partly hidden by the iliac veins) to be found as tubes themselves. Pieces of
     # the aorta's lumen HU hanging on the column by thin contacts are taken out. Measured aorta /
     # iliac voxels in the L5 label 15 (212 before); the same 2 mm phantom in the portal-venous
     # phase (aorta 160 HU, darker than its trabecular bone) keeps its L5 at 0.903 (0.897 before).
-    ph = _phantom(contrast_phase="arterial")
-    res = segment_builtin(ph.image)
+    ph, res = arterial
     artery = ph.tissues.array == TISSUE_IDS["aorta"]
     assert int((artery & (res.vertebrae.array == lv.level_id("L5"))).sum()) < 60
 
@@ -540,10 +544,10 @@ def _slab(img: Image, lo: int, height_mm: float) -> Image:
                  direction=img.direction, metadata=img.metadata)
 
 
-def test_short_lumbar_slab_has_no_ribs():
+def test_short_lumbar_slab_has_no_ribs(lumbar_with_sacrum):
     # A 40 mm slab across L2/L3 (phantom, no anchor in view): lumbar transverse processes cut by
     # the slab's ends must not pass for ribs cut short.
-    ph = _phantom()
+    ph = lumbar_with_sacrum[0]
     zz = np.nonzero((ph.vertebrae.array == lv.level_id("L3")).any(axis=(1, 2)))[0]
     res = segment_builtin(_slab(ph.image, int(zz.mean()), 40.0))
     assert len(res.levels) == 2
@@ -551,13 +555,18 @@ def test_short_lumbar_slab_has_no_ribs():
     assert not any("rib_bearing" in r.flags for r in res.levels)
 
 
+@pytest.fixture(scope="module")
+def thoracolumbar_with_ribs():
+    return _phantom(first_level="T6", last_level="L2", include_ribs=True)
+
+
 @pytest.mark.parametrize("start_mm", [90.0, 150.0, 210.0])
-def test_thoracic_slab_cut_through_a_vertebra_is_not_named_with_confidence(start_mm):
+def test_thoracic_slab_cut_through_a_vertebra_is_not_named_with_confidence(thoracolumbar_with_ribs, start_mm):
     # 40 mm slabs of a T6-L2 phantom (around T11, T9 and T7) whose lowest vertebra is cut by the
     # scan's end: its ribs descend out of view, so it looks rib-free below a rib-bearing one, like
     # L1 below T12. The last rib is then not confirmed; these slabs were named T12/L1 without a
     # flag before.
-    ph = _phantom(first_level="T6", last_level="L2", include_ribs=True)
+    ph = thoracolumbar_with_ribs
     res = segment_builtin(_slab(ph.image, int(round(start_mm / ph.image.spacing_mm[2])), 40.0))
     assert res.labels_uncertain
     assert not res.provenance["anchors"]["last_rib_T12"]
