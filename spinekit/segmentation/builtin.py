@@ -61,6 +61,8 @@ EDGE_FRACTION_COARSE = 0.4  # ... on >= 2.5 mm scans, where blur spreads the cor
 EDGE_PROFILE_FRACTION = 0.7  # ... and, along an axis sampled at >= EDGE_PROFILE_MIN_MM, darker than this
 EDGE_PROFILE_MIN_MM = 1.5    # share of its inward neighbour: past the cortex's peak on the profile (0.8
 #                              fits the phantoms better but costs the real 3 mm CT's L5: 0.854 -> 0.846)
+FRAGMENT_GAP_MM = 6.0    # a piece of a label this far from its main part is not that vertebra ...
+FRAGMENT_MAX_SHARE = 0.1  # ... when under this share of its size
 EDGE_HU = 200.0          # outline voxels darker than this are partial-volume soft tissue
 TRABECULAR_HU = 115.0    # normal trabecular bone; discs (~85 HU) and muscle stay below
 TRABECULAR_MIN_DIRS = 5  # ... and it lies inside a cortical ring: bone in most in-plane directions
@@ -1117,8 +1119,38 @@ def _native_labels(segs, names, sacrum_seg, vert, bodies, grid, image, progress=
         vert_native, bodies_native = _refine_native(vert_native, bodies_native, image, grid.spacing_mm)
     # The outline on the native HU, drawn only now so that disc finding saw the full column: one
     # voxel layer at most (a low-density body keeps its interior).
-    return _trim_outline(vert_native, bodies_native, image,
-                         EDGE_FRACTION_COARSE if native_min >= 2.5 else EDGE_FRACTION)
+    vert_native, bodies_native = _trim_outline(vert_native, bodies_native, image,
+                                               EDGE_FRACTION_COARSE if native_min >= 2.5 else EDGE_FRACTION)
+    return _drop_detached_fragments(vert_native, bodies_native, image.spacing_zyx_mm)
+
+
+def _drop_detached_fragments(vert: np.ndarray, bodies: np.ndarray, spacing_zyx_mm):
+    """A vertebra is one bone: pieces of a label farther than FRAGMENT_GAP_MM from its largest
+    part and under FRAGMENT_MAX_SHARE of its size are neighbouring bone that the disc planes cut
+    into this level (iliac crests beside L5 on a 3 mm CT), not the vertebra. A process split off
+    by the outline trim lies close and stays."""
+    full = ndi.generate_binary_structure(3, 3)
+    sp = np.asarray(spacing_zyx_mm, float)
+    vert = vert.copy()
+    bodies = bodies.copy()
+    for i, o in enumerate(ndi.find_objects(vert)):
+        if o is None:
+            continue
+        m = vert[o] == i + 1
+        lab, n = ndi.label(m, structure=full)
+        if n < 2:
+            continue
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        main = int(np.argmax(sizes))
+        near = ndi.distance_transform_edt(lab != main, sampling=sp) <= FRAGMENT_GAP_MM
+        detached = np.setdiff1d(np.arange(1, n + 1), lab[near & m])
+        detached = detached[sizes[detached] < FRAGMENT_MAX_SHARE * sizes[main]]
+        if detached.size:
+            drop = np.isin(lab, detached)
+            vert[o][drop] = 0
+            bodies[o][drop & (bodies[o] == i + 1)] = 0
+    return vert, bodies
 
 
 def _fill_body_holes(vert: np.ndarray, bodies: np.ndarray) -> None:
