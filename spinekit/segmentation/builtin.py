@@ -51,16 +51,19 @@ from ..masks import largest_component
 from ..progress import Progress, report
 from .base import LevelRecord, SegmentationResult
 
+MIN_WORKING_MM = 1.25     # finest working grid for coarse scans (grids whose voxel centres hold the scan's)
 BONE_HU = 180.0          # cortical shell / dense trabecular bone after light smoothing
 NATIVE_EDGE_HU = 250.0   # outline on a fine native grid (half-way soft tissue to cortex)
 EDGE_FRACTION = 0.5      # final outline: an outer voxel stays if brighter than this fraction of the way
 EDGE_BASE_HU = 0.0       # from soft tissue to the bone peak just inside (half maximum)
 EDGE_FRACTION_COARSE = 0.4  # ... on >= 2.5 mm scans, where blur spreads the cortex outwards (real 3 mm
 #                             CT vs TotalSegmentator: 0.3-0.5 within 0.01, 0.4 best for whole
-#                             vertebrae, 0.5 loses L5 0.853 -> 0.846)
+#                             vertebrae; 0.5 fits the 3 mm phantom, T12 0.900 -> 0.905, but costs every
+#                             real level 0.006-0.009)
 EDGE_PROFILE_FRACTION = 0.7  # ... and, along an axis sampled at >= EDGE_PROFILE_MIN_MM, darker than this
 EDGE_PROFILE_MIN_MM = 1.5    # share of its inward neighbour: past the cortex's peak on the profile (0.8
-#                              fits the phantoms better but costs the real 3 mm CT's L5: 0.854 -> 0.846)
+#                              fits the 3 mm phantom better, 0.900 -> 0.902, but costs the real 3 mm
+#                              CT 0.002-0.008 per level, L5 0.864 -> 0.856)
 FRAGMENT_GAP_MM = 6.0    # a piece of a label this far from its main part is not that vertebra ...
 FRAGMENT_MAX_SHARE = 0.1  # ... when under this share of its size
 EDGE_HU = 200.0          # outline voxels darker than this are partial-volume soft tissue
@@ -102,8 +105,10 @@ BLOOD_POOL_RADIUS_MM = 20.0  # a ball this size fits in heart chambers, not in a
 BLOOD_POOL_RIM_VOX = 1   # the opening misses a pool's rim where it meets a body: grown back this far
 BLOOD_CORTEX_CLEARANCE_MM = 4.5  # trabecular-HU voxels this close to the cortex are outline, not blood
 PEDICLE_BAND_MM = 25.0   # pedicles / laminae: beside and just behind the canal
-PEDICLE_CLEARANCE_MM = 5.0  # ... seeded only this far from a disc plane
-PEDICLE_CUT_FRACTION = 0.2  # ... unless under this share of a vertebra's ring is that far (cut by the view)
+PEDICLE_CLEARANCE_MM = 3.0  # ... seeded only this far from a disc plane (5 mm left the L5/S1 facets to the
+#                             flood: real 3 mm CT L5 0.848 -> 0.864, 3 mm phantom T12 0.894 -> 0.900)
+PEDICLE_CUT_BAND_MM = 5.0   # ... or, where under PEDICLE_CUT_FRACTION of a vertebra's ring lies this far
+PEDICLE_CUT_FRACTION = 0.2  # from its disc plane (cut by the view), up to the plane
 THORACIC_ARCH_SLOPE = 0.6   # above a rib-bearing vertebra their plane drops this much (mm per mm behind the
 #                             canal, ~30 deg): shingled thoracic laminae (TotalSegmentator's T11/T12 arch border on
 #                             the real 2 mm slab drops 0.55-0.75 mm/mm; phantom T10 / T11 spinous processes 35 / 25 deg)
@@ -636,6 +641,14 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     report(progress, 0.0, "builtin: resampling")
     native_min = float(min(image.spacing_mm))
     sp = float(min(max(native_min, 1.5), 2.0))
+    if native_min > 2.0:
+        # Native voxel centres on working voxel centres: at a non-integer ratio (3 mm scan, 2 mm
+        # grid) every other native voxel lies half-way between two working voxels, and the labels
+        # drawn back by nearest neighbour shift there (3 mm phantom: label centroids 0.55 mm off
+        # along z, the right pedicles' marrow lost).
+        k = int(np.ceil(native_min / 2.0 - 1e-6))
+        if native_min / k >= MIN_WORKING_MM:
+            sp = native_min / k
     grid = _working_grid(image, sp)
     hu = grid.hu
     warnings: list[str] = []
@@ -818,25 +831,25 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     behind_mm = np.maximum((yp - canal["cy"][zp]) * sp, 0.0)
     pts = np.stack([zp, yp, xp], axis=1).astype(float)
 
-    def ring_sides(slopes):
+    def ring_sides(slopes, clearance_mm=PEDICLE_CLEARANCE_MM):
         """Per ring voxel: its segment from the arch planes, each lowered by slopes[k] mm per mm
-        behind the canal centre, and whether it lies clear of all planes."""
+        behind the canal centre, and whether it lies clearance_mm clear of all planes."""
         idx = np.zeros(zp.size, np.int32)
         clear = np.ones(zp.size, bool)
         for (pnt, nrm), slope in zip(arch_planes, slopes):
             d = (pts - pnt) @ nrm * sp + slope * behind_mm
             idx += d > 0
-            clear &= np.abs(d) > PEDICLE_CLEARANCE_MM
+            clear &= np.abs(d) > clearance_mm
         return idx, clear
 
     # A vertebra cut by the field of view just beyond its disc keeps its arch in view but
     # not its pedicles (they leave the body's upper part): nearly all of its ring lies in
-    # the clearance band and the neighbour's seeds would flood the arch. Its side is seeded
-    # up to the plane. (Real 2 mm slab: T11 has 6 of 352 ring voxels clear; whole vertebrae
-    # on phantoms and the 3 mm abdomen keep >= 39%.) Judged on the level planes: the cut is the
-    # view's, whatever the slope.
+    # a band PEDICLE_CUT_BAND_MM about the plane and the neighbour's seeds would flood the arch.
+    # Its side is seeded up to the plane. (Real 2 mm slab: T11 has 6 of 352 ring voxels clear;
+    # whole vertebrae on phantoms and the 3 mm abdomen keep >= 39%.) Judged on the level planes:
+    # the cut is the view's, whatever the slope.
     level_sides = ring_sides(np.zeros(len(arch_planes)))
-    idx, clear = level_sides
+    idx, clear = ring_sides(np.zeros(len(arch_planes)), PEDICLE_CUT_BAND_MM)
     n_clear = np.bincount(idx[clear], minlength=len(lut_seg))
     n_ring = np.bincount(idx, minlength=len(lut_seg))
     cut = (lut_seg > 0) & (n_clear < PEDICLE_CUT_FRACTION * n_ring)
