@@ -611,3 +611,21 @@ def test_detached_fragments_of_a_label_are_dropped():
     assert (v2[5:15, 30:40, 50:58] == 24).all()
     assert (v2 == 25).sum() == (vert == 25).sum()
     assert (v2 == 24).sum() == (vert == 24).sum() - 8
+
+
+def test_working_grid_holds_the_voxel_centres_of_coarse_scans():
+    # A 3 mm scan on a 2 mm grid has every other voxel half-way between two working voxels (its
+    # labels drawn back shift there); 1.5 mm holds its centres. 0.75 mm scans keep 1.5 mm, 2 mm
+    # scans 2 mm; a coarse scan whose aligned grid would exceed MAX_WORKING_VOXELS keeps 2 mm.
+    from spinekit.segmentation.builtin import MAX_WORKING_VOXELS, _working_spacing
+
+    def spacing_for(shape_zyx, spacing_xyz):
+        return _working_spacing(Image(np.zeros(shape_zyx, np.int16), spacing_xyz))
+
+    assert spacing_for((100, 100, 100), (3.0, 3.0, 3.0)) == pytest.approx(1.5)
+    assert spacing_for((60, 100, 100), (4.0, 4.0, 5.0)) == pytest.approx(2.0)
+    assert spacing_for((60, 100, 100), (5.0, 5.0, 5.0)) == pytest.approx(5.0 / 3.0)
+    assert spacing_for((400, 512, 512), (0.75, 0.75, 1.0)) == pytest.approx(1.5)
+    assert spacing_for((100, 100, 100), (2.0, 2.0, 2.0)) == pytest.approx(2.0)
+    side = int(round((MAX_WORKING_VOXELS * 2.0) ** (1 / 3) / 2.0))  # ~2x the budget at 1.5 mm
+    assert spacing_for((side, side, side), (3.0, 3.0, 3.0)) == pytest.approx(2.0)

@@ -52,6 +52,7 @@ from ..progress import Progress, report
 from .base import LevelRecord, SegmentationResult
 
 MIN_WORKING_MM = 1.25     # finest working grid for coarse scans (grids whose voxel centres hold the scan's)
+MAX_WORKING_VOXELS = 20e6  # ... and its largest (512x512x400 at 0.75 mm on the 1.5 mm grid: 17.5e6, 2.3 GB)
 BONE_HU = 180.0          # cortical shell / dense trabecular bone after light smoothing
 NATIVE_EDGE_HU = 250.0   # outline on a fine native grid (half-way soft tissue to cortex)
 EDGE_FRACTION = 0.5      # final outline: an outer voxel stays if brighter than this fraction of the way
@@ -172,6 +173,25 @@ def _check_ct(image: Image) -> None:
     if low < 1e-4 or float(sample.min()) < -3100 or float(sample.max()) < 0:
         raise InputError("the image intensities are not CT Hounsfield units (no air below -500 HU); "
                          "the builtin backend segments CT images only.")
+
+
+def _working_spacing(image: Image) -> float:
+    """Isotropic working spacing: the scan's finest spacing within 1.5-2 mm. For coarser scans
+    native/k, so that the native voxel centres are working voxel centres: at a non-integer ratio
+    (3 mm scan, 2 mm grid) every other native voxel lies half-way between two working voxels and
+    the labels drawn back by nearest neighbour shift there (3 mm phantom: label centroids 0.55 mm
+    off along z, the right pedicles' marrow lost) - unless that grid would exceed
+    MAX_WORKING_VOXELS (memory), where 2 mm stays."""
+    native_min = float(min(image.spacing_mm))
+    sp = float(min(max(native_min, 1.5), 2.0))
+    if native_min > 2.0:
+        k = int(np.ceil(native_min / 2.0 - 1e-6))
+        aligned = native_min / k
+        extent_mm = (np.asarray(image.shape) - 1) * np.asarray(image.spacing_zyx_mm, float)
+        n_voxels = float(np.prod(np.floor(extent_mm / aligned) + 1))
+        if aligned >= MIN_WORKING_MM and n_voxels <= MAX_WORKING_VOXELS:
+            sp = aligned
+    return sp
 
 
 def _working_grid(image: Image, spacing_mm: float) -> _Grid:
@@ -640,15 +660,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     _check_ct(image)
     report(progress, 0.0, "builtin: resampling")
     native_min = float(min(image.spacing_mm))
-    sp = float(min(max(native_min, 1.5), 2.0))
-    if native_min > 2.0:
-        # Native voxel centres on working voxel centres: at a non-integer ratio (3 mm scan, 2 mm
-        # grid) every other native voxel lies half-way between two working voxels, and the labels
-        # drawn back by nearest neighbour shift there (3 mm phantom: label centroids 0.55 mm off
-        # along z, the right pedicles' marrow lost).
-        k = int(np.ceil(native_min / 2.0 - 1e-6))
-        if native_min / k >= MIN_WORKING_MM:
-            sp = native_min / k
+    sp = _working_spacing(image)
     grid = _working_grid(image, sp)
     hu = grid.hu
     warnings: list[str] = []
