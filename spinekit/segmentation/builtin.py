@@ -843,16 +843,16 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     behind_mm = np.maximum((yp - canal["cy"][zp]) * sp, 0.0)
     pts = np.stack([zp, yp, xp], axis=1).astype(float)
 
-    def ring_sides(slopes, clearance_mm=PEDICLE_CLEARANCE_MM):
+    def ring_sides(slopes):
         """Per ring voxel: its segment from the arch planes, each lowered by slopes[k] mm per mm
-        behind the canal centre, and whether it lies clearance_mm clear of all planes."""
+        behind the canal centre, and its distance (mm) to the nearest of them."""
         idx = np.zeros(zp.size, np.int32)
-        clear = np.ones(zp.size, bool)
+        gap_mm = np.full(zp.size, np.inf)
         for (pnt, nrm), slope in zip(arch_planes, slopes):
             d = (pts - pnt) @ nrm * sp + slope * behind_mm
             idx += d > 0
-            clear &= np.abs(d) > clearance_mm
-        return idx, clear
+            np.minimum(gap_mm, np.abs(d), out=gap_mm)
+        return idx, gap_mm
 
     # A vertebra cut by the field of view just beyond its disc keeps its arch in view but
     # not its pedicles (they leave the body's upper part): nearly all of its ring lies in
@@ -861,18 +861,20 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # whole vertebrae on phantoms and the 3 mm abdomen keep >= 39%.) Judged on the level planes:
     # the cut is the view's, whatever the slope.
     level_sides = ring_sides(np.zeros(len(arch_planes)))
-    idx, clear = ring_sides(np.zeros(len(arch_planes)), PEDICLE_CUT_BAND_MM)
+    idx, gap_mm = level_sides
+    clear = gap_mm > PEDICLE_CUT_BAND_MM
     n_clear = np.bincount(idx[clear], minlength=len(lut_seg))
     n_ring = np.bincount(idx, minlength=len(lut_seg))
     cut = (lut_seg > 0) & (n_clear < PEDICLE_CUT_FRACTION * n_ring)
-    del idx, clear
+    del idx, gap_mm, clear
 
     def arch_seeds(sides):
-        """Markers: the bodies, and the ring seeded from `sides` (ring_sides' answer)."""
+        """Markers: the bodies, and the ring seeded from `sides` (ring_sides' answer): voxels
+        PEDICLE_CLEARANCE_MM clear of the planes, or anywhere on a vertebra cut by the view."""
         seeds = body_markers.copy()
         if zp.size and planes:
-            idx, clear = sides
-            clear = clear | cut[idx]
+            idx, gap_mm = sides
+            clear = (gap_mm > PEDICLE_CLEARANCE_MM) | cut[idx]
             seeds[zp[clear], yp[clear], xp[clear]] = lut_seg[idx[clear]]
         return seeds
 
