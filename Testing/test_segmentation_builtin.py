@@ -605,7 +605,7 @@ def test_detached_fragments_of_a_label_are_dropped():
     vert[5:15, 30:40, 50:58] = 24         # 800 voxels (20 %), far: kept
     vert[5:15, 30:35, 5:10] = 25          # another label, untouched
     bodies = np.where(vert == 24, 24, 0).astype(np.uint8)
-    v2, b2 = _drop_detached_fragments(vert, bodies, (3.0, 3.0, 3.0))
+    v2, b2 = _drop_detached_fragments(vert.copy(), bodies.copy(), (3.0, 3.0, 3.0))
     assert not v2[8:10, 10:12, 40:42].any() and not b2[8:10, 10:12, 40:42].any()
     assert (v2[8:10, 10:12, 26:28] == 24).all()
     assert (v2[5:15, 30:40, 50:58] == 24).all()
@@ -629,3 +629,15 @@ def test_working_grid_holds_the_voxel_centres_of_coarse_scans():
     assert spacing_for((100, 100, 100), (2.0, 2.0, 2.0)) == pytest.approx(2.0)
     side = int(round((MAX_WORKING_VOXELS * 2.0) ** (1 / 3) / 2.0))  # ~2x the budget at 1.5 mm
     assert spacing_for((side, side, side), (3.0, 3.0, 3.0)) == pytest.approx(2.0)
+    # The budget counts the working grid itself: an oblique scan's axis-aligned grid covers its
+    # rotated box (a 45 degree turn about z widens x and y by sqrt(2), 2x the voxels).
+    from spinekit.segmentation.builtin import _working_grid
+    side = int(round((MAX_WORKING_VOXELS * 0.7) ** (1 / 3) / 2.0))  # 0.7x the budget when straight
+    c = np.sqrt(0.5)
+    turned = np.array([[c, -c, 0.0], [c, c, 0.0], [0.0, 0.0, 1.0]])
+    assert spacing_for((side, side, side), (3.0, 3.0, 3.0)) == pytest.approx(1.5)
+    oblique = Image(np.zeros((side, side, side), np.int16), (3.0, 3.0, 3.0), direction=turned)
+    assert _working_spacing(oblique) == pytest.approx(2.0)
+    small = Image(np.zeros((10, 12, 14), np.int16), (3.0, 3.0, 3.0), direction=turned)
+    n_voxels = _working_grid(small, _working_spacing(small)).hu.size
+    assert n_voxels == pytest.approx(((13 * 3 + 11 * 3) * c / 1.5 + 1) ** 2 * 19, rel=0.05)

@@ -175,6 +175,14 @@ def _check_ct(image: Image) -> None:
                          "the builtin backend segments CT images only.")
 
 
+def _physical_box(image: Image) -> tuple[np.ndarray, np.ndarray]:
+    """Lowest and highest LPS corner (mm) of the axis-aligned box around the scan's voxel centres."""
+    last = np.asarray(image.shape[::-1], float) - 1.0  # (x, y, z) index of the last voxel
+    corners = np.array([[i, j, k] for i in (0, last[0]) for j in (0, last[1]) for k in (0, last[2])])
+    pts = np.asarray(image.origin_mm, float) + (corners * np.asarray(image.spacing_mm, float)) @ image.direction.T
+    return pts.min(axis=0), pts.max(axis=0)
+
+
 def _working_spacing(image: Image) -> float:
     """Isotropic working spacing: the scan's finest spacing within 1.5-2 mm. For coarser scans
     native/k, so that the native voxel centres are working voxel centres: at a non-integer ratio
@@ -187,21 +195,21 @@ def _working_spacing(image: Image) -> float:
     if native_min > 2.0:
         k = int(np.ceil(native_min / 2.0 - 1e-6))
         aligned = native_min / k
-        extent_mm = (np.asarray(image.shape) - 1) * np.asarray(image.spacing_zyx_mm, float)
-        n_voxels = float(np.prod(np.floor(extent_mm / aligned) + 1))
-        if aligned >= MIN_WORKING_MM and n_voxels <= MAX_WORKING_VOXELS:
+        lo, hi = _physical_box(image)
+        if aligned >= MIN_WORKING_MM and float(np.prod(_grid_size(lo, hi, aligned))) <= MAX_WORKING_VOXELS:
             sp = aligned
     return sp
 
 
+def _grid_size(lo: np.ndarray, hi: np.ndarray, spacing_mm: float) -> list[int]:
+    """Voxels per axis (x, y, z) of the working grid over the box lo..hi."""
+    return [int(np.ceil((hi[d] - lo[d]) / spacing_mm)) + 1 for d in range(3)]
+
+
 def _working_grid(image: Image, spacing_mm: float) -> _Grid:
+    lo, hi = _physical_box(image)
+    out_size = _grid_size(lo, hi, spacing_mm)
     src = image.to_sitk()
-    size = np.array(src.GetSize())
-    corners = np.array([[i, j, k] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)],
-                       dtype=float)
-    pts = np.array([src.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners])
-    lo, hi = pts.min(axis=0), pts.max(axis=0)
-    out_size = [int(np.ceil((hi[d] - lo[d]) / spacing_mm)) + 1 for d in range(3)]
     # Block averaging before downsampling keeps thin cortex from aliasing away (and is much
     # cheaper than a Gaussian on a full-resolution CT).
     native = np.array(src.GetSpacing())
@@ -1155,11 +1163,9 @@ def _drop_detached_fragments(vert: np.ndarray, bodies: np.ndarray, spacing_zyx_m
     """A vertebra is one bone: pieces of a label farther than FRAGMENT_GAP_MM from its largest
     part and under FRAGMENT_MAX_SHARE of its size are neighbouring bone that the disc planes cut
     into this level (iliac crests beside L5 on a 3 mm CT), not the vertebra. A process split off
-    by the outline trim lies close and stays."""
+    by the outline trim lies close and stays. Edits both label maps in place and returns them."""
     full = ndi.generate_binary_structure(3, 3)
     sp = np.asarray(spacing_zyx_mm, float)
-    vert = vert.copy()
-    bodies = bodies.copy()
     for i, o in enumerate(ndi.find_objects(vert)):
         if o is None:
             continue
