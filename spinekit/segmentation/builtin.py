@@ -64,7 +64,7 @@ EDGE_FRACTION_COARSE = 0.4  # ... on >= 2.5 mm scans, where blur spreads the cor
 EDGE_PROFILE_FRACTION = 0.7  # ... and, along an axis sampled at >= EDGE_PROFILE_MIN_MM, darker than this
 EDGE_PROFILE_MIN_MM = 1.5    # share of its inward neighbour: past the cortex's peak on the profile (0.8
 #                              fits the 3 mm phantom better, 0.900 -> 0.902, but costs the real 3 mm
-#                              CT 0.002-0.008 per level, L5 0.864 -> 0.856)
+#                              CT up to 0.007 per level, L5 0.858 -> 0.851)
 FRAGMENT_GAP_MM = 6.0    # a piece of a label this far from its main part is not that vertebra ...
 FRAGMENT_MAX_SHARE = 0.1  # ... when under this share of its size
 EDGE_HU = 200.0          # outline voxels darker than this are partial-volume soft tissue
@@ -88,6 +88,7 @@ ALA_FRACTION = 0.15      # share of a segment's bone lateral-anterior (sacral al
 ENDPLATE_PERCENTILE = 25.0  # low percentile of body HU per slab: the disc content, not the bright rim
 ENDPLATE_REACH_MM = 6.0  # endplates lie this close above and below a disc's centre (thin thoracic discs)
 ENDPLATE_CONTRAST_HU = 40.0  # a disc band is this much darker than the endplates on both sides
+END_DISC_MARGIN_HU = 10.0    # ... and a disc cut by the view's end this much darker than the marrow
 DEFAULT_PITCH_MM = 30.0  # vertebra + disc height when too few discs are seen to measure it
 TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # sagittal tilts of the disc-finding slabs
 VESSEL_HU = (160.0, 520.0)  # contrast-filled aorta (arterial phase up to ~350-450 HU)
@@ -536,8 +537,8 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
 def _disc_planes(column, anterior, hu_s, dx, canal_cx, sp):
     """The intervertebral disc planes along the body centreline, caudal -> cranial: for the
     bodies [(point zyx in voxels, unit normal zyx)] tilted to each disc, and for the arches the
-    same points with the untilted normal. Each disc's dark band is carved out of `column` (in
-    place)."""
+    same points with the untilted normal. Each disc's dark band (and that of a disc cut by the
+    view's end) is carved out of `column` (in place)."""
     nz = column.shape[0]
     body_core = column & anterior & (np.abs(dx) < 18.0)
     zb, yb, xb = np.nonzero(body_core)
@@ -615,7 +616,67 @@ def _disc_planes(column, anterior, hu_s, dx, canal_cx, sp):
         # (the band's extent from the tilt that shows it darkest between its endplates; the
         # plane's own tilt: real 3 mm CT L1-L4 0.001-0.003 lower)
         _carve_disc(column, anterior, hu_s, low_profiles[int(valley_tilt[d - b0])], d, planes[-1], sp)
+    # A disc cut by an end of the view has an endplate on one side only, so neither profile
+    # shows it; its rim closes a ring and its content is filled as bone (real 2 mm slab: the
+    # T12/L1 disc in the two caudal slices). Judged on the untilted slabs, which the view's end
+    # does not cut.
+    flat = low_profiles[TILTS_DEG.index(0.0)]
+    for caudal in (True, False):
+        if not (zb.min() == 0 if caudal else zb.max() == nz - 1):
+            continue
+        band = _end_disc_band(flat, disc_bins, caudal, sp)
+        if band is not None:
+            edge, endplate_hu = band
+            z_e = float(np.interp(s_lo + (edge + 0.5) * sp, s_z, np.arange(nz)))
+            zi = int(round(min(max(z_e, 0), nz - 1)))
+            plane = (np.array([z_e, by[zi], bx[zi]]), t_z[zi] / np.linalg.norm(t_z[zi]))
+            _carve_end_disc(column, anterior, hu_s, plane, endplate_hu, caudal, sp)
     return planes, arch_planes
+
+
+def _end_disc_band(low: np.ndarray, disc_bins, caudal: bool, sp: float):
+    """A disc cut by the view's caudal (or cranial) end on the profile `low`: from the profile's
+    end inwards a band darker than the endplate within ENDPLATE_REACH_MM of it by
+    ENDPLATE_CONTRAST_HU and darker than the marrow (median of the profile) by END_DISC_MARGIN_HU
+    (a view ending in the marrow just past an endplate is that dark against the endplate too).
+    Returns (the band's inner bin, the endplate's HU), or None."""
+    finite = np.nonzero(np.isfinite(low))[0]
+    if finite.size < 3:
+        return None
+    step = 1 if caudal else -1
+    end = int(finite[0] if caudal else finite[-1])
+    k = max(2, int(round(ENDPLATE_REACH_MM / sp)))
+    reach = [end + step * i for i in range(0, k + 1) if 0 <= end + step * i < len(low)]
+    vals = np.where(np.isfinite(low[reach]), low[reach], -np.inf)
+    top = int(np.argmax(vals))
+    if top == 0:
+        return None
+    endplate_hu = float(vals[top])
+    floor = float(np.min(vals[:top]))
+    marrow_hu = float(np.median(low[finite]))
+    if endplate_hu - floor < ENDPLATE_CONTRAST_HU or floor > marrow_hu - END_DISC_MARGIN_HU:
+        return None
+    if any(abs(d - end) * sp < MIN_VERTEBRA_MM for d in disc_bins):
+        return None
+    half = 0.5 * (floor + endplate_hu)
+    inner = [b for b, v in zip(reach[:top], vals[:top]) if v < half]
+    return inner[-1], endplate_hu
+
+
+def _carve_end_disc(column, anterior, hu_s, plane, endplate_hu, caudal, sp):
+    """Take the body voxels beyond `plane` (the inner edge of a disc cut by the view's end) and
+    darker than its endplate out of the column (in place), as _carve_disc does between two."""
+    pnt, nrm = plane
+    nz = column.shape[0]
+    zi = int(round(pnt[0]))
+    margin = int(np.ceil(40.0 / sp))  # the plane's tilt across a body, in slices
+    zs = slice(0, min(nz, zi + 1 + margin)) if caudal else slice(max(0, zi - margin), nz)
+    z, y, x = np.nonzero(column[zs] & anterior[zs])
+    z = z + zs.start
+    dist = (np.stack([z, y, x], axis=1) - pnt) @ nrm * sp
+    beyond = dist <= 0.5 * sp if caudal else dist >= -0.5 * sp
+    cut = beyond & (hu_s[z, y, x] < endplate_hu)
+    column[z[cut], y[cut], x[cut]] = False
 
 
 def _carve_disc(column, anterior, hu_s, low, d, plane, sp):
@@ -993,7 +1054,7 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, enc_fc, nz, sp):
     vessel_fc = np.zeros_like(cand_full)
     lumen_max_hu = -np.inf
     lumen_min_hu = np.inf
-    for band_i, (lo_hu, hi_hu) in enumerate(_vessel_bands()):
+    for lo_hu, hi_hu in _vessel_bands():
         cand = ndi.binary_erosion(cand_full & (h_fc > lo_hu) & (h_fc < hi_hu), structure=_SLICE,
                                   iterations=VESSEL_ERODE)
         lab, n = ndi.label(cand)
@@ -1025,28 +1086,25 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, enc_fc, nz, sp):
                     in_pool = (comp & edge_fc[o]).any(axis=(1, 2))
                     good &= (np.abs(per_slice - ref_area) < 0.3 * ref_area) | (
                         in_pool & (per_slice < 1.3 * ref_area))
-                homogeneous = False
-                if good.any():
-                    # The lumen's own HU (contrast is uniform along the tube): brighter voxels
-                    # next to it are cortex or a calcified wall, and stay.
-                    lumen_hu = h_fc[o][comp & good[:, None, None]]
-                    q1, q3 = np.percentile(lumen_hu, [25, 75])
-                    # Only a homogeneous tube sets the lumen's HU range: on a short scan a tube
-                    # of dense marrow and disc (the bodies themselves) passes the tests above;
-                    # it is taken out as before, but its HU would let the vessel's growth
-                    # below eat cortex (real 2 mm slab: marrow tube IQR 126 HU, aorta 10 HU).
-                    homogeneous = q3 - q1 <= VESSEL_MAX_IQR_HU
-                    if homogeneous:
-                        # (Tukey's fences drop the few marrow / cortex voxels the tube takes in)
-                        fence = 1.5 * (q3 - q1)
-                        lumen_hu = lumen_hu[(lumen_hu >= q1 - fence) & (lumen_hu <= q3 + fence)]
-                        lumen_max_hu = max(lumen_max_hu, float(np.percentile(lumen_hu, 99)) + VESSEL_LUMEN_MARGIN_HU)
-                        lumen_min_hu = min(lumen_min_hu, float(np.percentile(lumen_hu, 1)) - VESSEL_LUMEN_MARGIN_HU)
-                    del lumen_hu
-                # (a narrow band's tube must be homogeneous to be taken out at all: its band alone
-                # caps the spread, and no more than a lumen is wanted from it)
-                if band_i and not homogeneous:
+                if not good.any():
                     continue
+                # The lumen's own HU (contrast is uniform along the tube): brighter voxels next to
+                # it are cortex or a calcified wall, and stay.
+                lumen_hu = h_fc[o][comp & good[:, None, None]]
+                q1, q3 = np.percentile(lumen_hu, [25, 75])
+                # Only a homogeneous tube is a vessel. Runs of bone pass the shape tests above:
+                # on a short scan a tube of dense marrow and disc (real 2 mm slab, IQR 126 HU; the
+                # aorta 10 HU), on a native CT the L5/S1 bodies with the sacral alae in the
+                # trabecular band (real 3 mm CT: IQR 68 and 137 HU, 4146 working voxels of bone
+                # taken out with L5's posterior wall while they were taken as vessels).
+                if q3 - q1 > VESSEL_MAX_IQR_HU:
+                    continue
+                # (Tukey's fences drop the few marrow / cortex voxels the tube takes in)
+                fence = 1.5 * (q3 - q1)
+                lumen_hu = lumen_hu[(lumen_hu >= q1 - fence) & (lumen_hu <= q3 + fence)]
+                lumen_max_hu = max(lumen_max_hu, float(np.percentile(lumen_hu, 99)) + VESSEL_LUMEN_MARGIN_HU)
+                lumen_min_hu = min(lumen_min_hu, float(np.percentile(lumen_hu, 1)) - VESSEL_LUMEN_MARGIN_HU)
+                del lumen_hu
                 vessel_fc[o] |= comp & good[:, None, None]
                 # Slices where the vessel has merged with a body (too big a cross-section): the
                 # tube's cross-section carried over from the clean slices around (centre and
