@@ -96,9 +96,15 @@ VESSEL_BAND_HU = 120.0   # ... also searched in narrower bands this wide (a 3 mm
 VESSEL_BAND_STEP_HU = 40.0
 VESSEL_MIN_LENGTH_MM = 70.0  # the aorta runs past several levels; a body ends at its discs
 VESSEL_ERODE = 1         # in-plane erosion that cuts a vessel's contact with the bodies
+VESSEL_MIDLINE_MM = 8.0     # the aorta runs beside the midline: under VESSEL_MIDLINE_SHARE of a tube
+VESSEL_MIDLINE_SHARE = 0.35  # lies this close to it (bodies straddle it)
 VESSEL_MAX_AREA_MM2 = 700.0  # larger cross-sections are vessel merged with a body: kept
 VESSEL_LUMEN_MARGIN_HU = 20.0  # a lumen voxel is at most this much brighter than the tube's 99th centile
 VESSEL_MAX_IQR_HU = 60.0  # a contrast lumen is homogeneous (interquartile range ~10-30 HU with noise)
+BRANCH_MIN_LENGTH_MM = 15.0  # a contrast tube's branch (common iliac artery) runs at least this far ...
+BRANCH_GAP_MM = 15.0        # ... starting this close to the tube
+BRANCH_MAX_AREA_MM2 = 300.0  # ... with a cross-section no larger (a body's is ~1000 mm2)
+BRANCH_BLUR_HU = 80.0       # ... and, blurred at coarse spacing, down to this much below the lumen's HU
 VESSEL_RIM_MM = 6.0      # the lumen's rim against a body, missed by the cortex clearance (real 2 mm slab:
 #                          aorta voxels left in the labels 2650 -> 1080 at 6 mm; 4.5 mm: 1650)
 VESSEL_ENCLOSED_DIRS = 6  # ... grown only over voxels with bone in fewer in-plane directions (marrow
@@ -1072,13 +1078,13 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, enc_fc, nz, sp):
                 continue
             comp = lab[o] == i + 1
             # The aorta runs beside the midline; bodies (and a column merged with them) straddle it.
-            mid_vox = comp & (np.abs(dx_fc[o]) < 8.0)
-            if mid_vox.sum() < 0.35 * comp.sum():
+            mid_vox = comp & (np.abs(dx_fc[o]) < VESSEL_MIDLINE_MM)
+            if mid_vox.sum() < VESSEL_MIDLINE_SHARE * comp.sum():
                 per_slice = comp.sum(axis=(1, 2)) * sp * sp
                 # Clean slices: a vessel-sized cross-section away from the midline (a slice
                 # holding body bone straddles the midline).
                 good = ((per_slice >= 60.0) & (per_slice <= VESSEL_MAX_AREA_MM2)
-                        & (mid_vox.sum(axis=(1, 2)) * sp * sp < 0.35 * np.maximum(per_slice, 1.0)))
+                        & (mid_vox.sum(axis=(1, 2)) * sp * sp < VESSEL_MIDLINE_SHARE * np.maximum(per_slice, 1.0)))
                 # ... of the tube's own size (a partly merged slice is bigger; a smaller one is the
                 # tube partly hidden in a blood pool).
                 if good.any():
@@ -1124,6 +1130,7 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, enc_fc, nz, sp):
                         k_o = (o[0].start + k, o[1], o[2])
                         vessel_fc[k_o] |= tube & cand[k_o] & (h_fc[k_o] < lumen_max_hu)
     if vessel_fc.any():
+        vessel_fc |= _vessel_branches(cand_full, vessel_fc, h_fc, dx_fc, lumen_min_hu, lumen_max_hu, sp)
         vessel_fc |= (ndi.binary_dilation(vessel_fc, structure=_SLICE, iterations=VESSEL_ERODE) & cand_full
                       & (h_fc < lumen_max_hu))
         # The lumen's rim next to a body lies within the cortex clearance, so it was never a
@@ -1144,6 +1151,36 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, enc_fc, nz, sp):
             for _ in range(max(1, int(round(VESSEL_RIM_MM / sp)))):
                 vessel_fc |= lower & (h_fc <= ndi.maximum_filter(np.where(vessel_fc, h_fc, -np.inf), footprint=_SLICE))
     return vessel_fc, lumen_min_hu, lumen_max_hu
+
+
+def _vessel_branches(cand_full, vessel_fc, h_fc, dx_fc, lumen_min_hu, lumen_max_hu, sp):
+    """Branches of the contrast tubes found (common iliac arteries): too short and too thin to be
+    found as tubes themselves, and at coarse spacing blurred below the lumen's HU range. Pieces
+    of the blood candidates (one in-plane erosion, as for the tubes) no brighter than the lumen,
+    homogeneous, of a vessel's cross-section, off the midline, at least BRANCH_MIN_LENGTH_MM
+    long, whose median HU is the lumen's, within BRANCH_GAP_MM of a tube found."""
+    lo_hu = lumen_min_hu - BRANCH_BLUR_HU
+    cand = ndi.binary_erosion(cand_full & (h_fc > lo_hu) & (h_fc < lumen_max_hu) & ~vessel_fc,
+                              structure=_SLICE, iterations=VESSEL_ERODE)
+    lab, n = ndi.label(cand)
+    out = np.zeros_like(vessel_fc)
+    if not n:
+        return out
+    near = ndi.distance_transform_edt(~vessel_fc, sampling=sp) <= BRANCH_GAP_MM
+    for i, o in enumerate(ndi.find_objects(lab)):
+        comp = lab[o] == i + 1
+        if (o[0].stop - o[0].start) * sp < BRANCH_MIN_LENGTH_MM or not (comp & near[o]).any():
+            continue
+        per_slice = comp.sum(axis=(1, 2)) * sp * sp
+        if per_slice.max() > BRANCH_MAX_AREA_MM2:
+            continue
+        if (comp & (np.abs(dx_fc[o]) < VESSEL_MIDLINE_MM)).sum() >= VESSEL_MIDLINE_SHARE * comp.sum():
+            continue
+        h = h_fc[o][comp]
+        q1, med, q3 = np.percentile(h, [25, 50, 75])
+        if q3 - q1 <= VESSEL_MAX_IQR_HU and lumen_min_hu <= med <= lumen_max_hu:
+            out[o] |= comp
+    return out
 
 
 def _vessel_bands():
