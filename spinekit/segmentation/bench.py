@@ -255,21 +255,23 @@ def bench_seeds(seeds=range(5), spacing_mm=(3.0, 3.0, 3.0)) -> list[dict]:
 
 
 # --- speed and memory ----------------------------------------------------------------------------
+# The child's own peak is VmHWM: ru_maxrss survives exec on Linux and so reports the parent's
+# resident size at the fork when that is larger (the bench process after the phantom sweep).
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from spinekit.image import read_image
 from spinekit.segmentation.builtin import segment_builtin
 img = read_image(sys.argv[1])
-def rss_kb():
+def status_kb(key):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0
-before = rss_kb()
+before = status_kb("VmRSS")
 t0 = time.perf_counter()
 res = segment_builtin(img)
 dt = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status_kb("VmHWM")
 print(json.dumps({"time_s": dt, "peak_mb": peak / 1024, "delta_mb": (peak - before) / 1024,
                   "levels": res.present_levels()}))
 """
