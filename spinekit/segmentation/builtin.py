@@ -184,9 +184,9 @@ def _check_ct(image: Image) -> None:
 
 def _physical_box(image: Image) -> tuple[np.ndarray, np.ndarray]:
     """Lowest and highest LPS corner (mm) of the axis-aligned box around the scan's voxel centres."""
-    last = np.asarray(image.shape[::-1], float) - 1.0  # (x, y, z) index of the last voxel
+    last = np.asarray(image.shape, float) - 1.0       # [z, y, x] index of the last voxel
     corners = np.array([[i, j, k] for i in (0, last[0]) for j in (0, last[1]) for k in (0, last[2])])
-    pts = np.asarray(image.origin_mm, float) + (corners * np.asarray(image.spacing_mm, float)) @ image.direction.T
+    pts = image.index_to_physical(corners)
     return pts.min(axis=0), pts.max(axis=0)
 
 
