@@ -52,7 +52,8 @@ from ..progress import Progress, report
 from .base import LevelRecord, SegmentationResult
 
 MIN_WORKING_MM = 1.25     # finest working grid for coarse scans (grids whose voxel centres hold the scan's)
-MAX_WORKING_VOXELS = 20e6  # ... and its largest (512x512x400 at 0.75 mm on the 1.5 mm grid: 17.5e6, peak 1.1 GB)
+MAX_WORKING_VOXELS = 40e6  # ... and its largest (a 160x160x180 torso at 3 mm on the 1.5 mm grid: 36.9e6, 17 s,
+#                            peak 1.2 GB; on the 2 mm grid T9-L5 whole Dice mean 0.892, min 0.860, vs 0.900 / 0.866)
 BONE_HU = 180.0          # cortical shell / dense trabecular bone after light smoothing
 NATIVE_EDGE_HU = 250.0   # outline on a fine native grid (half-way soft tissue to cortex)
 EDGE_FRACTION = 0.5      # final outline: an outer voxel stays if brighter than this fraction of the way
