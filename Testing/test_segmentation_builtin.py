@@ -589,6 +589,9 @@ def test_disc_cut_by_the_view_end_is_found_on_one_endplate():
     assert _end_disc_band(marrow_end, [], True, sp) is None
     # a disc found near the end already (the end is a sliver of the next vertebra)
     assert _end_disc_band(disc_end, [8], True, sp) is None
+    # a bin too sparse for a percentile (nan) next to the end is no valley floor
+    gap_end = np.array([nan, 127, nan, 190, 198, 170] + marrow)
+    assert _end_disc_band(gap_end, [], True, sp) is None
     # no endplate within reach of the end: no band
     assert _end_disc_band(np.array([nan, 100, 101, 99, 100, 102, 100, 101, 130, 128, 131]), [], True, sp) is None
 

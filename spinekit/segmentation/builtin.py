@@ -660,14 +660,15 @@ def _end_disc_band(low: np.ndarray, disc_bins, caudal: bool, sp: float):
     if top == 0:
         return None
     endplate_hu = float(vals[top])
-    floor = float(np.min(vals[:top]))
+    before = vals[:top]
+    floor = float(np.min(before[np.isfinite(before)]))   # (bins too sparse for a percentile are nan)
     marrow_hu = float(np.median(low[finite]))
     if endplate_hu - floor < ENDPLATE_CONTRAST_HU or floor > marrow_hu - END_DISC_MARGIN_HU:
         return None
     if any(abs(d - end) * sp < MIN_VERTEBRA_MM for d in disc_bins):
         return None
     half = 0.5 * (floor + endplate_hu)
-    inner = [b for b, v in zip(reach[:top], vals[:top]) if v < half]
+    inner = [b for b, v in zip(reach[:top], before) if np.isfinite(v) and v < half]
     return inner[-1], endplate_hu
 
 
