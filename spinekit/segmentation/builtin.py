@@ -183,11 +183,14 @@ def _check_ct(image: Image) -> None:
                          "the builtin backend segments CT images only.")
 
 
+def _corners(lo, hi) -> np.ndarray:
+    """The 8 corners (rows) of the index box lo..hi (3 values each, any axis order)."""
+    return np.array([[a, b, c] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])], float)
+
+
 def _physical_box(image: Image) -> tuple[np.ndarray, np.ndarray]:
     """Lowest and highest LPS corner (mm) of the axis-aligned box around the scan's voxel centres."""
-    last = np.asarray(image.shape, float) - 1.0       # [z, y, x] index of the last voxel
-    corners = np.array([[i, j, k] for i in (0, last[0]) for j in (0, last[1]) for k in (0, last[2])])
-    pts = image.index_to_physical(corners)
+    pts = image.index_to_physical(_corners((0, 0, 0), np.asarray(image.shape, float) - 1.0))
     return pts.min(axis=0), pts.max(axis=0)
 
 
@@ -604,19 +607,23 @@ def _disc_planes(column, anterior, hu_s, dx, canal_cx, sp):
     disc_bins, endplate_only = _find_discs(prof[b0:b1], sp, valley)
     disc_bins = [d + b0 for d in disc_bins]
     endplate_only = {d + b0 for d in endplate_only}
+    def level_plane(b):
+        """Slice index at profile bin b, and the untilted plane there (centreline point, tangent)."""
+        zf = float(np.interp(s_lo + (b + 0.5) * sp, s_z, np.arange(nz)))
+        zi = int(round(min(max(zf, 0), nz - 1)))
+        return zi, (np.array([zf, by[zi], bx[zi]]), t_z[zi] / np.linalg.norm(t_z[zi]))
+
     planes = []   # (point zyx in voxels, unit normal zyx)
     arch_planes = []
     for d in disc_bins:
-        s_d = s_lo + (d + 0.5) * sp
-        zf = float(np.interp(s_d, s_z, np.arange(nz)))
-        zi = int(round(min(max(zf, 0), nz - 1)))
+        zi, flat_plane = level_plane(d)
         # (a disc seen only as a dark band between endplates: the tilt that shows it best)
         deg = TILTS_DEG[int(valley_tilt[d - b0]) if d in endplate_only else int(np.argmin(profiles[:, d]))]
         n_d = tilted(t_z[zi], deg)
-        planes.append((np.array([zf, by[zi], bx[zi]]), n_d / np.linalg.norm(n_d)))
+        planes.append((flat_plane[0], n_d / np.linalg.norm(n_d)))
         # Behind the body the untilted normal: a tilted disc plane (L5/S1) extended backwards
         # would rise through the arch of the vertebra above.
-        arch_planes.append((np.array([zf, by[zi], bx[zi]]), t_z[zi] / np.linalg.norm(t_z[zi])))
+        arch_planes.append(flat_plane)
         # Every disc's content is taken out, not only that of discs seen between endplates: a
         # thin disc in the kyphotic thorax is cut obliquely by the axial slices, its rim looks like
         # a cortical ring and gets filled as bone (T4-T10 phantom: the discs held 10-25% of the
@@ -635,10 +642,7 @@ def _disc_planes(column, anterior, hu_s, dx, canal_cx, sp):
         band = _end_disc_band(flat, disc_bins, caudal, sp)
         if band is not None:
             edge, endplate_hu = band
-            z_e = float(np.interp(s_lo + (edge + 0.5) * sp, s_z, np.arange(nz)))
-            zi = int(round(min(max(z_e, 0), nz - 1)))
-            plane = (np.array([z_e, by[zi], bx[zi]]), t_z[zi] / np.linalg.norm(t_z[zi]))
-            _carve_end_disc(column, anterior, hu_s, plane, endplate_hu, caudal, sp)
+            _carve_end_disc(column, anterior, hu_s, level_plane(edge)[1], endplate_hu, caudal, sp)
     return planes, arch_planes
 
 
@@ -675,16 +679,25 @@ def _end_disc_band(low: np.ndarray, disc_bins, caudal: bool, sp: float):
 def _carve_end_disc(column, anterior, hu_s, plane, endplate_hu, caudal, sp):
     """Take the body voxels beyond `plane` (the inner edge of a disc cut by the view's end) and
     darker than its endplate out of the column (in place), as _carve_disc does between two."""
-    pnt, nrm = plane
     nz = column.shape[0]
-    zi = int(round(pnt[0]))
+    zi = int(round(plane[0][0]))
     margin = int(np.ceil(40.0 / sp))  # the plane's tilt across a body, in slices
-    zs = slice(0, min(nz, zi + 1 + margin)) if caudal else slice(max(0, zi - margin), nz)
+    if caudal:
+        _clear_band(column, anterior, hu_s, plane, slice(0, min(nz, zi + 1 + margin)), -np.inf, 0.5 * sp,
+                    endplate_hu, sp)
+    else:
+        _clear_band(column, anterior, hu_s, plane, slice(max(0, zi - margin), nz), -0.5 * sp, np.inf,
+                    endplate_hu, sp)
+
+
+def _clear_band(column, anterior, hu_s, plane, zs, lo_mm, hi_mm, below_hu, sp):
+    """Body voxels (`column & anterior`) in the slices `zs`, lo_mm..hi_mm along the normal of
+    `plane` from its point and darker than below_hu, leave the column (in place)."""
+    pnt, nrm = plane
     z, y, x = np.nonzero(column[zs] & anterior[zs])
     z = z + zs.start
     dist = (np.stack([z, y, x], axis=1) - pnt) @ nrm * sp
-    beyond = dist <= 0.5 * sp if caudal else dist >= -0.5 * sp
-    cut = beyond & (hu_s[z, y, x] < endplate_hu)
+    cut = (dist >= lo_mm) & (dist <= hi_mm) & (hu_s[z, y, x] < below_hu)
     column[z[cut], y[cut], x[cut]] = False
 
 
@@ -706,14 +719,10 @@ def _carve_disc(column, anterior, hu_s, low, d, plane, sp):
     hi_b = d
     while hi_b + 1 <= min(len(low) - 1, d + k) and np.isfinite(low[hi_b + 1]) and low[hi_b + 1] < half:
         hi_b += 1
-    pnt, nrm = plane
+    z_mid = plane[0][0]
     reach = (max(d - lo_b, hi_b - d) + 1) * sp
-    zs = slice(max(0, int(np.floor(pnt[0] - reach / sp)) - 2), int(np.ceil(pnt[0] + reach / sp)) + 3)
-    z, y, x = np.nonzero(column[zs] & anterior[zs])
-    z = z + zs.start
-    dist = (np.stack([z, y, x], axis=1) - pnt) @ nrm * sp
-    band = (dist >= (lo_b - d - 0.5) * sp) & (dist <= (hi_b - d + 0.5) * sp) & (hu_s[z, y, x] < endplate_hu)
-    column[z[band], y[band], x[band]] = False
+    zs = slice(max(0, int(np.floor(z_mid - reach / sp)) - 2), int(np.ceil(z_mid + reach / sp)) + 3)
+    _clear_band(column, anterior, hu_s, plane, zs, (lo_b - d - 0.5) * sp, (hi_b - d + 0.5) * sp, endplate_hu, sp)
 
 
 # --- naming ------------------------------------------------------------------------------------
@@ -1247,13 +1256,14 @@ def _native_labels(segs, names, sacrum_seg, vert, bodies, grid, image, progress=
         body_lut[segs[sacrum_seg].label] = lv.level_id("sacrum")
     vert_full = np.zeros(image.shape, np.uint8)
     bodies_full = np.zeros(image.shape, np.uint8)
-    named = lut[vert] > 0
-    if not named.any():
+    vert_ids = lut[vert]
+    named_box = ndi.find_objects((vert_ids > 0).astype(np.uint8))
+    if not named_box:
         return vert_full, bodies_full
-    box = _native_box(ndi.find_objects(named.astype(np.uint8))[0], grid, image)
-    del named
+    box = _native_box(named_box[0], grid, image)
     sub = _crop_image(image, box)
-    vert_native = _to_native(lut[vert], grid, sub)
+    vert_native = _to_native(vert_ids, grid, sub)
+    del vert_ids
     bodies_native = _to_native(body_lut[bodies], grid, sub)
     native_min = float(min(image.spacing_mm))
     if grid.spacing_mm / native_min >= 1.4:
@@ -1272,7 +1282,7 @@ def _native_box(working_box, grid: _Grid, image: Image) -> tuple[slice, ...]:
     (_refine_native grows labels by up to 1.5 working voxels; 2 native voxels more on each side)."""
     lo = np.array([b.start for b in working_box], float) - 1.0
     hi = np.array([b.stop for b in working_box], float)          # (stop - 1) + 1
-    corners_zyx = np.array([[z, y, x] for z in (lo[0], hi[0]) for y in (lo[1], hi[1]) for x in (lo[2], hi[2])])
+    corners_zyx = _corners(lo, hi)
     origin = np.asarray(grid.reference.GetOrigin(), float)
     points = origin + corners_zyx[:, ::-1] * grid.spacing_mm  # LPS x, y, z (axis-aligned grid)
     idx = image.physical_to_index(points)                         # continuous [z, y, x]
