@@ -229,12 +229,28 @@ def _working_grid(image: Image, spacing_mm: float) -> _Grid:
         src = sitk.BinShrink(sitk.Cast(src, sitk.sitkFloat32), shrink)
     else:
         src = sitk.Cast(src, sitk.sitkFloat32)
+    # The grid's far faces lie up to a working voxel past the scan's last voxel centres (a 20-slice
+    # 2 mm slab, 0-38 mm, on a 1.5 mm grid ends at 39 mm). There the scan's edge values carry on:
+    # air there would, after smoothing, take the bone out of the last slices (real 2 mm slab: the
+    # marrow of T11's top two slices). Farther out (the corners of an oblique scan's box) is air.
     hu = sitk.Resample(src, out_size, sitk.Transform(), sitk.sitkLinear, lo.tolist(), [spacing_mm] * 3,
-                       np.eye(3).ravel().tolist(), -1024.0, sitk.sitkFloat32)
+                       np.eye(3).ravel().tolist(), -1024.0, sitk.sitkFloat32, True)
+    hu_arr = sitk.GetArrayFromImage(hu)
+    del hu
+    if not np.allclose(np.abs(image.direction).max(axis=0), 1.0):
+        inside = sitk.Image(image.size_xyz, sitk.sitkUInt8) + 1
+        inside.SetSpacing(image.spacing_mm)
+        inside.SetOrigin(image.origin_mm)
+        inside.SetDirection(tuple(image.direction.ravel()))
+        inside = sitk.Resample(inside, out_size, sitk.Transform(), sitk.sitkNearestNeighbor, lo.tolist(),
+                               [spacing_mm] * 3, np.eye(3).ravel().tolist(), 0, sitk.sitkUInt8)
+        near = ndi.binary_dilation(sitk.GetArrayFromImage(inside).astype(bool), structure=np.ones((3, 3, 3), bool))
+        hu_arr[~near] = -1024.0
+        del inside, near
     ref = sitk.Image(1, 1, 1, sitk.sitkUInt8)   # geometry holder only
     ref.SetSpacing([spacing_mm] * 3)
     ref.SetOrigin(lo.tolist())
-    return _Grid(sitk.GetArrayFromImage(hu), spacing_mm, ref)
+    return _Grid(hu_arr, spacing_mm, ref)
 
 
 def _to_native(labels: np.ndarray, grid: _Grid, image: Image) -> np.ndarray:
@@ -818,7 +834,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # (At native spacing coarser than the working grid the outline blur is the scan's own and
     # stays, as in reference segmentations of such scans.)
     if native_min < 2.5:
-        shell = column & ~ndi.binary_erosion(column)
+        shell = column & ~ndi.binary_erosion(column, border_value=1)   # (the view's end is no outline)
         column &= ~(shell & (hu < EDGE_HU))
         del shell
     anterior = dy < front_mm
@@ -1365,7 +1381,8 @@ def _trim_outline(vert: np.ndarray, bodies: np.ndarray, image: Image, fraction: 
     cross = ndi.generate_binary_structure(3, 1)
     other = (ndi.grey_dilation(v, footprint=cross) != v) | (ndi.grey_erosion(np.where(f, v, 255), footprint=cross) != v)
     # (the walls of inner pockets - veins, canal - are not an outline)
-    outer = f & (~ndi.binary_erosion(ndi.binary_fill_holes(f)) | other)
+    # (the crop reaches a voxel past the labels: only the field of view's end, no surface, meets its border)
+    outer = f & (~ndi.binary_erosion(ndi.binary_fill_holes(f), border_value=1) | other)
     del other
     hu = np.asarray(image.array[crop], np.float32)
     peak = ndi.maximum_filter(np.where(f & ~outer, hu, np.float32(-2000.0)), size=3)
@@ -1439,7 +1456,7 @@ def _refine_native(vert: np.ndarray, bodies: np.ndarray, image: Image, sp: float
     hu = ndi.gaussian_filter(np.asarray(image.array[crop], np.float32), np.maximum(0.5, 0.4 / native))
     fg = v > 0
     struct = np.ones([2 * kk + 1 for kk in k], bool)
-    inner = ndi.binary_erosion(fg, structure=struct)
+    inner = ndi.binary_erosion(fg, structure=struct, border_value=1)   # (the view's end is no outline)
     grown_v = ndi.grey_dilation(v, footprint=struct)
     grown_b = ndi.grey_dilation(b, footprint=struct)
     keep = inner | ((ndi.binary_dilation(fg, structure=struct) & ~inner) & (hu > NATIVE_EDGE_HU))
