@@ -363,6 +363,24 @@ def test_3mm_phantom_is_named_and_outlined():
     assert dice(res.vertebrae.array == l5, ph.vertebrae.array == l5) >= 0.895
 
 
+def test_3mm_thoracic_rib_necks_go_back_to_the_ribs():
+    # At 3 mm the thin, sloping mid-thoracic ribs fall below the bone threshold between the column
+    # box's wall (50 mm out) and ~70 mm, so no rib is found for T8-T10 and nothing used to take
+    # their necks and heads off the vertebrae: 42-52 rib voxels per level, T10 Dice 0.864, bodies
+    # 0.893. A ribless thoracic vertebra's bone beyond its transverse processes' reach, in front
+    # of the canal and off the body, now seeds the path: measured rib voxels 12-14 per level,
+    # whole T8/T9/T10 0.888/0.913/0.888, bodies 0.900/0.911/0.903.
+    ph = _phantom(first_level="T8", last_level="L2", spacing_mm=(3.0, 3.0, 3.0))
+    res = segment_builtin(ph.image)
+    assert res.present_levels() == _truth_levels(ph) and not res.labels_uncertain
+    rib = ph.tissues.array == ph.truth["tissue_ids"]["rib"]
+    for name in ("T8", "T9", "T10"):
+        vid = lv.level_id(name)
+        assert ((res.vertebrae.array == vid) & rib).sum() <= 20, name
+        assert dice(res.vertebrae.array == vid, ph.vertebrae.array == vid) >= 0.88, name
+        assert dice(res.bodies.array == vid, ph.bodies.array == vid) >= 0.895, name
+
+
 def test_profile_rule_drops_only_faces_past_the_cortex_peak():
     from spinekit.segmentation.builtin import _past_profile_peak
 

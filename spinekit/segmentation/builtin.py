@@ -1491,11 +1491,27 @@ def _give_rib_heads_back(segs, vert, bodies, ribs, box, dx, dy, sp):
     # wall and the rib neck.)
     rib_zone = (adx > RIB_HEAD_MIN_MM) & (dy < 2.0)
     path = is_thoracic[vert] & rib_zone
-    vert[is_thoracic[vert] & (adx > _tp_reach_mm(segs, bodies, is_thoracic, adx)[vert])] = 0
+    beyond = is_thoracic[vert] & (adx > _tp_reach_mm(segs, bodies, is_thoracic, adx)[vert])
+    # A thoracic vertebra whose rib was not found outside the box (3 mm: thin sloping mid-thoracic
+    # ribs fall below the bone threshold between the box wall and ~70 mm out) still has its rib
+    # neck inside: its bone beyond the transverse processes' reach, in front of the canal and off
+    # the body (a wide body's own rim reaches that far: real 2 mm slab, T12 with only rib stubs).
+    # That seeds the path too, grown only to about the body's width (further it would run on
+    # through the pedicles).
+    ribless = np.zeros(256, bool)
+    for sg in segs:
+        ribless[sg.label] = is_thoracic[sg.label] and sg.ribs == 0
+    neck = beyond & rib_zone & ribless[vert] & (bodies == 0)
+    vert[beyond] = 0
+    del beyond
     bodies[is_thoracic[bodies] & (adx > THORACIC_BODY_HALF_WIDTH_MM)] = 0
     grown = ribs & ~box
     steps = int(np.ceil((ROI_LATERAL_MM - RIB_HEAD_MIN_MM) / sp)) + 2
     grown = ndi.binary_dilation(grown, iterations=steps, mask=grown | path)
+    if neck.any():
+        steps = int(np.ceil((THORACIC_HALF_WIDTH_MM - THORACIC_BODY_HALF_WIDTH_MM) / sp)) + 1
+        grown |= ndi.binary_dilation(neck, iterations=steps, mask=path)
+    del neck
     vert[grown & path] = 0
     bodies[grown & path] = 0
     # The path stops a few voxels short of the head where the neck runs obliquely; what is
