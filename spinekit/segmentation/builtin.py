@@ -82,6 +82,8 @@ SACRUM_BELOW_CANAL_MM = 80.0  # the column box reaches this far below the lowest
 ROI_ANTERIOR_MM = 70.0   # column box around the canal centre
 ROI_POSTERIOR_MM = 55.0
 ROI_LATERAL_MM = 50.0
+MAX_SLICE_MM = 3.0       # thicker slices: level names flagged uncertain (T11-L5 phantom, 0.8 mm pixels: at 4 mm
+#                          the T11/T12 and T12/L1 discs were missed, at 5 mm a false disc split T11 in two)
 MIN_VERTEBRA_MM = 12.0   # shortest vertebra + disc pitch kept (crush fractures included)
 DISC_DEPTH = 0.45        # a disc slab holds under half the bone of the bodies next to it
 WEAK_DISC_DEPTH = 0.85   # a tilted / narrow disc, accepted where the disc spacing expects one
@@ -1034,6 +1036,12 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # (how far above the scan's caudal end each body's top, where rib heads articulate, lies)
     body_top_mm = {i + 1: (o[0].stop - 1) * sp for i, o in enumerate(ndi.find_objects(bodies)) if o is not None}
     names, confidence, uncertain, t12 = _name_levels(segs, sacrum_seg, body_top_mm, warnings)
+    thickest_mm = float(max(image.spacing_mm))
+    if thickest_mm > MAX_SLICE_MM + 1e-6:
+        warnings.append(f"slices {thickest_mm:.1f} mm thick (validated up to {MAX_SLICE_MM:g} mm): a disc may be "
+                        "missed or one found inside a body, so level names are not reliable")
+        uncertain = True
+        confidence = min(confidence, 0.3)
 
     # --- labels in VerSe ids on the native grid ------------------------------------------------
     report(progress, 0.9, "builtin: writing labels")
