@@ -82,8 +82,8 @@ SACRUM_BELOW_CANAL_MM = 80.0  # the column box reaches this far below the lowest
 ROI_ANTERIOR_MM = 70.0   # column box around the canal centre
 ROI_POSTERIOR_MM = 55.0
 ROI_LATERAL_MM = 50.0
-MAX_SLICE_MM = 3.0       # thicker slices: level names flagged uncertain (T11-L5 phantom, 0.8 mm pixels: at 4 mm
-#                          the T11/T12 and T12/L1 discs were missed, at 5 mm a false disc split T11 in two)
+MAX_SLICE_MM = 3.0       # thicker slices: level names flagged uncertain (T11-L5 phantom, 0.8 mm pixels: 4 mm
+#                          slices named right, at 5 mm a false disc splits T11 in two)
 MIN_VERTEBRA_MM = 12.0   # shortest vertebra + disc pitch kept (crush fractures included)
 DISC_DEPTH = 0.45        # a disc slab holds under half the bone of the bodies next to it
 WEAK_DISC_DEPTH = 0.85   # a tilted / narrow disc, accepted where the disc spacing expects one
@@ -510,8 +510,8 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
     chosen.sort()
     # A thin disc between sclerotic endplates (common in the thoracic spine and with age) may hold
     # as much bone-bright signal as the marrow around it, so the density profile shows no minimum.
-    # Such bands are taken only where no density minimum is sure (a short slab); with sure discs
-    # in view the density profile and the disc spacing decide, as before.
+    # Such bands are taken outright only where no density minimum is sure (a short slab); with
+    # sure discs in view they are weak candidates, taken where the disc spacing expects a disc.
     endplate: list[int] = []
     if valley is not None:
         cand, _ = find_peaks(np.where(np.isfinite(valley), valley, -1e9), height=ENDPLATE_CONTRAST_HU,
@@ -537,6 +537,16 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
         return float(np.median([g for _, g in other[:2]]))
 
     weak = [p for p, r in ratio.items() if r < WEAK_DISC_DEPTH and p not in chosen]
+    # A dark band between endplates is a candidate there too: on thick slices a disc is never
+    # sampled alone and its density dip can stay shallow (4 mm slices: T12/L1 12 % deep).
+    for p in endplate:
+        if p in chosen or p in weak:
+            continue
+        left = prof[max(0, p - reach):p].max()
+        right = prof[p + 1:p + 1 + reach].max()
+        if min(left, right) > 0.15 * ref:
+            ratio[p] = prof[p] / min(left, right)
+            weak.append(p)
     changed = True
     while changed and weak:
         changed = False
