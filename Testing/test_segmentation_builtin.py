@@ -386,16 +386,20 @@ def test_slices_thicker_than_validated_flag_the_names_uncertain():
     # profile (12 % deep). They were missed, and named from the sacrum and the last rib the spine
     # read as transitional with four lumbar vertebrae (T12 whole Dice 0.41); the dark band between
     # their endplates is now a candidate where the disc spacing expects a disc (measured whole
-    # 0.898-0.952). Outside the validated range (5 mm: a false disc splits T11) the names are
-    # still flagged uncertain, with a warning that says why; 3 mm slices are not.
-    ph = _phantom(spacing_mm=(0.8, 0.8, 4.0))
-    res = segment_builtin(ph.image)
-    assert res.labels_uncertain
-    assert all("label_uncertain" in r.flags and r.confidence <= 0.3 for r in res.levels)
-    assert any("slices 4.0 mm thick" in w for w in res.warnings)
-    assert res.present_levels() == _truth_levels(ph)
-    for vid in map(lv.level_id, ("T11", "T12", "L1")):
-        assert dice(res.vertebrae.array == vid, ph.vertebrae.array == vid) >= 0.89
+    # 0.898-0.952). At 5 mm no disc is a sure density minimum and an endplate cut by the view's
+    # end, 15 mm above the T11/T12 disc, split T11 in two: endplate bands much closer than the
+    # column's spacing keep only the stronger (measured 0.889-0.929). Thoracic discs at 4-5 mm
+    # are still missed (T8-L2, T4-T10), so past the validated 3 mm the names stay flagged
+    # uncertain, with a warning that says why; 3 mm slices are not.
+    for thick_mm in (4.0, 5.0):
+        ph = _phantom(spacing_mm=(0.8, 0.8, thick_mm))
+        res = segment_builtin(ph.image)
+        assert res.labels_uncertain
+        assert all("label_uncertain" in r.flags and r.confidence <= 0.3 for r in res.levels)
+        assert any(f"slices {thick_mm:.1f} mm thick" in w for w in res.warnings)
+        assert res.present_levels() == _truth_levels(ph), thick_mm
+        for vid in map(lv.level_id, ("T11", "T12", "L1")):
+            assert dice(res.vertebrae.array == vid, ph.vertebrae.array == vid) >= 0.88, thick_mm
 
 
 def test_profile_rule_drops_only_faces_past_the_cortex_peak():

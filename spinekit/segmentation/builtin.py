@@ -82,10 +82,11 @@ SACRUM_BELOW_CANAL_MM = 80.0  # the column box reaches this far below the lowest
 ROI_ANTERIOR_MM = 70.0   # column box around the canal centre
 ROI_POSTERIOR_MM = 55.0
 ROI_LATERAL_MM = 50.0
-MAX_SLICE_MM = 3.0       # thicker slices: level names flagged uncertain (T11-L5 phantom, 0.8 mm pixels: 4 mm
-#                          slices named right, at 5 mm a false disc splits T11 in two)
+MAX_SLICE_MM = 3.0       # thicker slices: level names flagged uncertain (0.8 mm pixels: T11-L5 phantoms at 4-5 mm
+#                          split and named right, Dice >= 0.887; thin thoracic discs at 4-5 mm are missed, 6 mm fails)
 MIN_VERTEBRA_MM = 12.0   # shortest vertebra + disc pitch kept (crush fractures included)
 DISC_DEPTH = 0.45        # a disc slab holds under half the bone of the bodies next to it
+CLOSE_DISC_FRACTION = 0.6  # endplate-only bands closer than this share of the median disc spacing: the weaker goes
 WEAK_DISC_DEPTH = 0.85   # a tilted / narrow disc, accepted where the disc spacing expects one
 ALA_FRACTION = 0.15      # share of a segment's bone lateral-anterior (sacral alae)
 ENDPLATE_PERCENTILE = 25.0  # low percentile of body HU per slab: the disc content, not the bright rim
@@ -524,6 +525,16 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
                 chosen.append(p)
                 endplate_only.append(p)
         chosen.sort()
+        # Bands much closer together than the column's spacing: the weaker is no disc (5 mm
+        # slices: an endplate cut by the view's end, 15 mm above the T11/T12 disc).
+        while len(chosen) >= 3:
+            gaps = np.diff(chosen)
+            k = int(np.argmin(gaps))
+            if gaps[k] >= CLOSE_DISC_FRACTION * np.median(gaps):
+                break
+            weaker = min(chosen[k], chosen[k + 1], key=lambda p: valley[p])
+            chosen.remove(weaker)
+            endplate_only.remove(weaker)
 
     def pitch_near(a, b):
         """Typical disc spacing near the interval (a, b), from the other intervals."""
