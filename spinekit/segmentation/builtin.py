@@ -241,12 +241,10 @@ def _working_grid(image: Image, spacing_mm: float) -> _Grid:
     hu_arr = sitk.GetArrayFromImage(hu)
     del hu
     if not np.allclose(np.abs(image.direction).max(axis=0), 1.0):
-        inside = sitk.Image(image.size_xyz, sitk.sitkUInt8) + 1
-        inside.SetSpacing(image.spacing_mm)
-        inside.SetOrigin(image.origin_mm)
-        inside.SetDirection(tuple(image.direction.ravel()))
-        inside = sitk.Resample(inside, out_size, sitk.Transform(), sitk.sitkNearestNeighbor, lo.tolist(),
+        scan = image.with_array(np.ones(image.shape, np.uint8)).to_sitk()   # the scan's extent
+        inside = sitk.Resample(scan, out_size, sitk.Transform(), sitk.sitkNearestNeighbor, lo.tolist(),
                                [spacing_mm] * 3, np.eye(3).ravel().tolist(), 0, sitk.sitkUInt8)
+        del scan
         near = ndi.binary_dilation(sitk.GetArrayFromImage(inside).astype(bool), structure=np.ones((3, 3, 3), bool))
         hu_arr[~near] = -1024.0
         del inside, near
@@ -496,13 +494,18 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
     peaks, _ = find_peaks(-prof, distance=max(1, int(round(6.0 / bw))))
     reach = max(2, int(round(20.0 / bw)))
     ratio = {}
-    for p in peaks:
-        if p < 2 or p > nb - 3:
-            continue
+
+    def rate(p):
+        """ratio[p] = the profile at p over the lower of the maxima within 20 mm on either side
+        (left unset where those maxima are near empty: the profile's ends)."""
         left = prof[max(0, p - reach):p].max()
         right = prof[p + 1:p + 1 + reach].max()
         if min(left, right) > 0.15 * ref:
             ratio[int(p)] = prof[p] / min(left, right)
+
+    for p in peaks:
+        if 2 <= p <= nb - 3:
+            rate(p)
     sure = sorted(p for p, r in ratio.items() if r < DISC_DEPTH)
     chosen: list[int] = []
     for p in sorted(sure, key=lambda p: ratio[p]):
@@ -551,13 +554,10 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
     # A dark band between endplates is a candidate there too: on thick slices a disc is never
     # sampled alone and its density dip can stay shallow (4 mm slices: T12/L1 12 % deep).
     for p in endplate:
-        if p in chosen or p in weak:
-            continue
-        left = prof[max(0, p - reach):p].max()
-        right = prof[p + 1:p + 1 + reach].max()
-        if min(left, right) > 0.15 * ref:
-            ratio[p] = prof[p] / min(left, right)
-            weak.append(p)
+        if p not in chosen and p not in weak:
+            rate(p)
+            if p in ratio:
+                weak.append(p)
     changed = True
     while changed and weak:
         changed = False
