@@ -186,6 +186,16 @@ def _level_dice(res, ph, names, named: bool = True) -> tuple[list[float], list[f
     return whole, body
 
 
+def _truth_vertebrae(ph) -> list[str]:
+    """The phantom's vertebra levels (sacrum left out), caudal order as in lv.ORDER."""
+    return [n for n in (lv.level_name(int(i)) for i in np.unique(ph.vertebrae.array) if i) if n != "sacrum"]
+
+
+def _found_vertebrae(res) -> list[str]:
+    """The segmentation's named vertebra levels (sacrum left out)."""
+    return [n for n in res.present_levels() if n != "sacrum"]
+
+
 def bench_phantoms(quick: bool = False) -> list[dict]:
     from ..phantom import CTPhantomConfig, generate_ct_phantom
     from .builtin import segment_builtin
@@ -258,11 +268,11 @@ def bench_seeds(seeds=range(5), spacing_mm=(3.0, 3.0, 3.0)) -> list[dict]:
                 whole.append([0.0])
                 body.append([0.0])
                 continue
-            names = [n for n in (lv.level_name(int(i)) for i in np.unique(ph.vertebrae.array) if i) if n != "sacrum"]
+            names = _truth_vertebrae(ph)
             w, b = _level_dice(res, ph, names)
             whole.append(w)
             body.append(b)
-            named += int([n for n in res.present_levels() if n != "sacrum"] == names and not res.labels_uncertain)
+            named += int(_found_vertebrae(res) == names and not res.labels_uncertain)
         per_seed = np.array([min(w) for w in whole])
         rows.append(_row(f"{label}: min Dice whole per seed", f"{per_seed.min():.3f}-{per_seed.max():.3f}", "",
                          ">= 0.9"))
@@ -288,9 +298,9 @@ def bench_thick_slices() -> list[dict]:
         except Exception as exc:  # noqa: BLE001 - a benchmark records the failure and goes on
             rows.append(_row(label, f"error: {exc}"))
             continue
-        names = [n for n in (lv.level_name(int(i)) for i in np.unique(ph.vertebrae.array) if i) if n != "sacrum"]
+        names = _truth_vertebrae(ph)
         whole, _ = _level_dice(res, ph, names)
-        split = [n for n in res.present_levels() if n != "sacrum"] == names
+        split = _found_vertebrae(res) == names
         rows.append(_row(f"{label}: min Dice whole, levels split and named as truth, flagged",
                          f"{min(whole):.3f}, {split}, {res.labels_uncertain}", "", "flagged True"))
     return rows
