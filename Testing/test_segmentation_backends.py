@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from spinekit import levels as lv
 from spinekit.cli import main as cli_main
 from spinekit.errors import InputError, MissingDependencyError
-from spinekit.masks import dice
+from spinekit.masks import dice, identified_levels
 from spinekit.image import Image, read_image, write_image
 from spinekit.segmentation import BACKENDS, bodies_from_vertebrae, records_from_labels, segment
 from spinekit.segmentation.labelmap import guess_convention
@@ -281,6 +281,32 @@ def test_body_in_view_flag_when_only_the_arch_is_cut():
     body[3:10, 1:4, 1:3] = 20            # now the body is cut as well
     rec = records_from_labels(vert, body)[0]
     assert rec.truncated == "cranial" and "body_in_view" not in rec.flags
+
+
+def test_verse_identification_rule():
+    # Two 20 mm-tall "vertebrae" stacked along z on a 2 mm grid, centroids 22 mm apart.
+    ref = np.zeros((40, 10, 10), np.uint8)
+    ref[5:15, 2:8, 2:8] = 19
+    ref[16:26, 2:8, 2:8] = 20
+    sp = (2.0, 1.0, 1.0)
+    same = identified_levels(ref, ref, sp)
+    assert same == {19: (True, 0.0), 20: (True, 0.0)}
+    # Both shifted 8 mm cranially: still nearest to their own reference level.
+    shifted = np.roll(ref, 4, axis=0)
+    assert all(ok for ok, _ in identified_levels(shifted, ref, sp).values())
+    # Shifted 12 mm: each is now nearer to the level above (10 mm) than to its own (12 mm).
+    ident = identified_levels(np.roll(ref, 6, axis=0), ref, sp)
+    assert not ident[19][0] and ident[19][1] == pytest.approx(12.0)
+    # Names swapped: neither is identified; a level not predicted reads inf.
+    swapped = np.select([ref == 19, ref == 20], [20, 19], 0).astype(np.uint8)
+    assert not any(ok for ok, _ in identified_levels(swapped, ref, sp).values())
+    only_l1 = np.where(ref == 20, 20, 0).astype(np.uint8)
+    assert identified_levels(only_l1, ref, sp)[19] == (False, float("inf"))
+    # Within 20 mm is part of the rule: a lone level 24 mm off is not identified.
+    lone = np.zeros_like(ref)
+    lone[5:15, 2:8, 2:8] = 19
+    far = np.roll(lone, 12, axis=0)
+    assert identified_levels(far, lone, sp) == {19: (False, pytest.approx(24.0))}
 
 
 # --- real data --------------------------------------------------------------------------------

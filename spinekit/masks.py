@@ -23,3 +23,35 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     a = np.asarray(a, bool)
     b = np.asarray(b, bool)
     return 2.0 * float(np.logical_and(a, b).sum()) / max(1.0, float(a.sum() + b.sum()))
+
+
+def label_centroids_mm(labels: np.ndarray, spacing_zyx_mm) -> dict[int, np.ndarray]:
+    """Centre of mass (z, y, x in mm from the array's first voxel) of every non-zero label."""
+    labels = np.asarray(labels)
+    ids = [int(i) for i in np.unique(labels) if i != 0]
+    if not ids:
+        return {}
+    centres = ndimage.center_of_mass(np.ones(labels.shape, np.uint8), labels, ids)
+    return {i: np.asarray(c, float) * np.asarray(spacing_zyx_mm, float) for i, c in zip(ids, centres)}
+
+
+def identified_levels(pred: np.ndarray, ref: np.ndarray, spacing_zyx_mm,
+                      max_distance_mm: float = 20.0) -> dict[int, tuple[bool, float]]:
+    """VerSe's identification rule (Sekuboyina et al., Med Image Anal 2021), per reference label:
+    a level is identified when the predicted label of the same id has its centroid within
+    `max_distance_mm` of the reference centroid and nearer to it than to any other reference
+    centroid. Returns {id: (identified, distance_mm)}; distance inf where the id is not predicted.
+    A detection criterion: it tells whether a level was found at the right place with the right
+    name, independently of how the outlines of the two segmentations are drawn."""
+    ref_c = label_centroids_mm(ref, spacing_zyx_mm)
+    pred_c = label_centroids_mm(pred, spacing_zyx_mm)
+    out = {}
+    for vid, c_ref in ref_c.items():
+        if vid not in pred_c:
+            out[vid] = (False, float("inf"))
+            continue
+        c = pred_c[vid]
+        dist = {other: float(np.linalg.norm(c - c_other)) for other, c_other in ref_c.items()}
+        nearest = min(dist, key=dist.get)
+        out[vid] = (nearest == vid and dist[vid] < max_distance_mm, dist[vid])
+    return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import levels as lv
-from ..masks import dice
+from ..masks import dice, identified_levels
 
 SECTION = "segmentation"
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -91,6 +91,7 @@ def bench_abdomen(data: Path = DATA) -> list[dict]:
         named += int(_best_match(res.vertebrae.array, ref, vid) == vid)
     rows.append(_row("ct_abdomen_3mm levels named like TotalSegmentator", f"{named}/{len(levels)}", "",
                      f"{len(levels)}/{len(levels)}"))
+    rows += _identification_rows("ct_abdomen_3mm", res.vertebrae.array, ref, ct.spacing_zyx_mm, levels)
     rows.append(_row("ct_abdomen_3mm labels_uncertain", str(res.labels_uncertain), "", "False"))
     return rows
 
@@ -115,7 +116,7 @@ def bench_dicom(data: Path = DATA) -> list[dict]:
     pred = res.vertebrae.array
     if not ref_img.same_grid(ct):   # DICOM and NIfTI may order the axes differently
         ref = resample_to(ref_img.with_array(ref.astype(np.uint8)), ct).array
-    found = []
+    overlapping = []
     for name in ("T11", "T12"):
         vid = lv.level_id(name)
         d = dice(pred == vid, ref == vid)
@@ -123,12 +124,27 @@ def bench_dicom(data: Path = DATA) -> list[dict]:
         # (TotalSegmentator's labels on a 20-slice slab are themselves partial: how much of ours it shares)
         rows.append(_row(f"ct_dicom_2mm our {name} inside TS {name}", float((ref[pred == vid] == vid).mean()), "", ""))
         if d > 0.5:
-            found.append(name)
-    rows.append(_row("ct_dicom_2mm T11/T12 found and named", "+".join(found) or "none", "", "T11+T12"))
+            overlapping.append(name)
+    rows.append(_row("ct_dicom_2mm T11/T12 named with Dice > 0.5", "+".join(overlapping) or "none", "", "T11+T12"))
+    rows += _identification_rows("ct_dicom_2mm", pred, ref, ct.spacing_zyx_mm, ("T11", "T12"))
     rows.append(_row("ct_dicom_2mm TS T12 covered by some label", float((pred[ref == lv.level_id("T12")] > 0).mean()),
                      "", "1.0"))
     rows.append(_row("ct_dicom_2mm vertebrae found", len(res.levels), "", "2"))
     rows.append(_row("ct_dicom_2mm labels_uncertain", str(res.labels_uncertain), "", "True (no anchor in view)"))
+    return rows
+
+
+def _identification_rows(case: str, pred: np.ndarray, ref: np.ndarray, spacing_zyx_mm, levels) -> list[dict]:
+    """Found and named by VerSe's identification rule (centroids within 20 mm, nearest to the
+    same reference level): per level the centroid distance, then the levels identified."""
+    ident = identified_levels(pred, ref, spacing_zyx_mm)
+    rows, hits = [], []
+    for name in levels:
+        ok, dist_mm = ident.get(lv.level_id(name), (False, float("inf")))
+        rows.append(_row(f"{case} {name} centroid distance to TS {name}", dist_mm, "mm", "< 20, nearest"))
+        if ok:
+            hits.append(name)
+    rows.append(_row(f"{case} levels identified (VerSe rule)", "+".join(hits) or "none", "", "+".join(levels)))
     return rows
 
 
