@@ -75,6 +75,7 @@ SOFT_LOW_HU = -250.0     # canal content (CSF, cord, epidural fat) lies above th
 CANAL_HIGH_HU = 60.0     # ... and below this (osteoporotic trabecular bone is ~85 HU)
 CANAL_MEAN_HU = 50.0     # mean of a canal blob after extra smoothing (noise pockets in bone fail)
 CANAL_AREA_MM2 = (25.0, 700.0)  # cross-section of a canal candidate
+CANAL_GAP_MM = 40.0      # the canal track bridges slices without an enclosed pocket up to this far
 MIDLINE_BAND_MM = 45.0   # canal centre within this distance of the torso centre (scoliosis)
 SACRUM_BELOW_CANAL_MM = 80.0  # the column box reaches this far below the lowest tracked canal (110 mm
 #                              takes in the phantom's sacral tip, sacrum 0.85 -> 0.90, but shifts the
@@ -98,6 +99,8 @@ TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # sagittal tilts of the disc-findin
 VESSEL_HU = (160.0, 520.0)  # contrast-filled aorta (arterial phase up to ~350-450 HU)
 VESSEL_BAND_HU = 120.0   # ... also searched in narrower bands this wide (a 3 mm lumen apart from blurred marrow)
 VESSEL_BAND_STEP_HU = 40.0
+VESSEL_BAND_LOW_HU = 100.0  # ... from here, so portal-venous blood (150-180 HU) has its bands too (from
+#                             160 HU a 160 HU aorta fell apart in noise: T6-T11 phantom T11 0.82)
 VESSEL_MIN_LENGTH_MM = 70.0  # the aorta runs past several levels; a body ends at its discs
 VESSEL_ERODE = 1         # in-plane erosion that cuts a vessel's contact with the bodies
 VESSEL_MIDLINE_MM = 8.0     # the aorta runs beside the midline: under VESSEL_MIDLINE_SHARE of a tube
@@ -359,58 +362,10 @@ def _track_canal(hu, bone, body, sp):
     if len(rows8) == 0:
         return None
     rows7 = candidates(7)
-    # Seed: a slice whose most posterior candidate agrees with the robust (median) track.
-    best = {}
-    for r in rows8:
-        z = int(r[0])
-        if z not in best or r[1] > best[z][1]:
-            best[z] = r
-    first = np.array([best[z] for z in sorted(best)])
     win = max(3, int(round(40.0 / sp)) | 1)
-    if len(first) < 3:
-        return None
-    ty = _smooth_track(first[:, 0], first[:, 1], nz, win)
-    tx = _smooth_track(first[:, 0], first[:, 2], nz, win)
-    dev = np.hypot(first[:, 1] - ty[first[:, 0].astype(int)], first[:, 2] - tx[first[:, 0].astype(int)])
-    mid = np.abs(np.arange(len(first)) - len(first) / 2) < max(1, len(first) / 3)
-    seed = first[int(np.argmin(np.where(mid, dev, np.inf)))]
-    by_z8: dict[int, list] = {}
-    for r in rows8:
-        by_z8.setdefault(int(r[0]), []).append(r)
-    by_z7: dict[int, list] = {}
-    for r in rows7:
-        by_z7.setdefault(int(r[0]), []).append(r)
-    # Walk up and down from the seed, taking the nearest candidate that continues the canal
-    # (sacral foramina and other enclosed pockets lie off the track).
-    picked = {int(seed[0]): seed}
-    for step in (1, -1):
-        pos = seed[1:3].copy()
-        vel = np.zeros(2)          # drift per slice (lordosis, scoliosis), from recent picks
-        hist = [(int(seed[0]), seed[1:3].copy())]
-        z = int(seed[0])
-        gap = 0
-        while 0 <= z + step < nz and gap * sp < 40.0:
-            z += step
-            gap += 1
-            pred = pos + vel * gap
-            # The search widens across a gap, by half the gap: the drift prediction carries the
-            # curve; pockets further off (sacral foramina, osteoporotic marrow) are not the canal.
-            limit = (7.0 + 0.5 * gap * sp) / sp
-            chosen = None
-            for pool in (by_z8.get(z, []), by_z7.get(z, [])):
-                dists = [np.hypot(r[1] - pred[0], r[2] - pred[1]) for r in pool]
-                if dists and min(dists) < limit:
-                    chosen = pool[int(np.argmin(dists))]
-                    break
-            if chosen is not None:
-                picked[z] = chosen
-                pos = chosen[1:3].copy()
-                gap = 0
-                hist.append((z, pos.copy()))
-                back = [h for h in hist if abs(h[0] - z) * sp <= 20.0]
-                if len(back) >= 3:
-                    dz = abs(back[-1][0] - back[0][0])
-                    vel = np.clip((back[-1][1] - back[0][1]) / max(dz, 1), -1.0, 1.0)
+    # The canal: the best chain of pockets through the slices (sacral foramina and other
+    # enclosed pockets lie off it).
+    picked = _canal_chain(rows8, rows7, sp)
     sel = np.array([picked[z] for z in sorted(picked)])
     z_sel = sel[:, 0]
     if (z_sel.max() - z_sel.min()) * sp < 20.0 or len(sel) < max(3, int(10.0 / sp)):
@@ -433,6 +388,59 @@ def _track_canal(hu, bone, body, sp):
             slope = float(np.clip(np.polyfit(zz, arr[zz], 1)[0], -1.0, 1.0))
             arr[out] = arr[ref_z] + slope * (out - ref_z)
     return dict(cy=cy, cx=cx, rad=rad, front=front, z_lo=z0, z_hi=z1, enc=enc)
+
+
+def _canal_chain(rows8, rows7, sp) -> dict:
+    """The canal as the best chain of candidate pockets, one per slice at most, caudal to
+    cranial: each pocket adds to the chain (a fully enclosed one more), each step between two
+    costs by its slice gap and its in-plane jump, and a step is allowed only within
+    CANAL_GAP_MM in height and (7 mm + half the gap) in-plane. A dynamic programme over the
+    slices finds the chain of highest total, so one off-centre pocket or a run of slices where
+    the arch does not close (a vertebra tilted against the slices) neither ends the track nor
+    bends it off the canal. Returns {slice: candidate row}."""
+    nodes = [(r, 1.0) for r in rows8] + [(r, 0.7) for r in rows7]
+    nodes.sort(key=lambda t: t[0][0])
+    z = np.array([t[0][0] for t in nodes])
+    yx = np.array([t[0][1:3] for t in nodes])
+    score = np.array([t[1] for t in nodes])
+    prev = np.full(len(nodes), -1)
+    max_dz = CANAL_GAP_MM / sp
+    start = 0
+    for i in range(len(nodes)):
+        while z[start] < z[i] - max_dz:
+            start += 1
+        j = np.arange(start, i)
+        j = j[z[j] < z[i]]
+        if not j.size:
+            continue
+        dz = z[i] - z[j]
+        limit = (7.0 + 0.5 * dz * sp) / sp
+        dist = np.hypot(*(yx[j] - yx[i]).T)
+        ok = dist < limit
+        if not ok.any():
+            continue
+        gain = score[j] - 0.1 * (dz - 1) - 0.5 * (dist / limit) ** 2
+        gain[~ok] = -np.inf
+        k = int(np.argmax(gain))
+        if gain[k] > 0:
+            score[i] += gain[k]
+            prev[i] = j[k]
+    chain = {}
+    i = int(np.argmax(score))
+    while i >= 0:
+        chain[int(z[i])] = nodes[i][0]
+        i = int(prev[i])
+    # Where the chain passes a 7-direction pocket, a fully enclosed one in the same slice within
+    # a step of it is the canal proper (the 7-direction pocket takes in a lateral recess or
+    # foramen and shifts the centre, the radius and the anterior wall).
+    by_z8: dict[int, list] = {}
+    for r in rows8:
+        by_z8.setdefault(int(r[0]), []).append(r)
+    for zi, r in chain.items():
+        near = [q for q in by_z8.get(zi, []) if np.hypot(q[1] - r[1], q[2] - r[2]) < 7.0 / sp]
+        if near:
+            chain[zi] = min(near, key=lambda q: np.hypot(q[1] - r[1], q[2] - r[2]))
+    return chain
 
 
 def _curve_coordinates(cz, cy, cx, sp):
@@ -863,7 +871,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     anterior = dy < front_mm
     # Contrast-filled heart chambers (and aneurysms) touching the thoracic bodies: blood pools
     # too thick to be bone (a ball no vertebral body can hold, discs cut bodies in height).
-    pool = _blood_pools(blood, hu_s, body, canal, front_mm, fc, sp)
+    pool = _blood_pools(blood, hu_s, body, canal, front_mm, fc, enc_fc, sp)
     if pool is not None:
         column &= ~pool
     # A contrast-filled aorta touching the bodies: smooth, homogeneous (no bright cortex) and
@@ -877,11 +885,14 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         cand &= ~pool
         # (a vessel running into a pool keeps only part of its cross-section there)
         pool_edge = ndi.binary_dilation(pool, structure=_SLICE, iterations=2) & ~pool
+    # (blood found, pools and vessels: the native outline below must not grow back over it)
+    blood_found = pool if pool is not None else np.zeros_like(column)
     del pool
     found, lumen_min_hu, lumen_max_hu = _find_vessels(cand[fc], zone[fc], pool_edge[fc], hu_s[fc],
-                                                      np.broadcast_to(dx, hu.shape)[fc], enc_fc, nz, sp)
+                                                      np.broadcast_to(dx, hu.shape)[fc], enc_fc, nz, fc[0].start, sp)
     vessel[fc] = found
     column &= ~vessel
+    blood_found |= vessel
     del cand, pool_edge, enc_fc, found
     # Low-density bodies whose cortical ring is not closed in a slice (thin cortex, partial
     # volume): close small gaps in-plane and fill, within the body zone only.
@@ -1066,13 +1077,15 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
 
     # --- labels in VerSe ids on the native grid ------------------------------------------------
     report(progress, 0.9, "builtin: writing labels")
-    vert_native, bodies_native = _native_labels(segs, names, sacrum_seg, vert, bodies, grid, image, progress)
+    vert_native, bodies_native = _native_labels(segs, names, sacrum_seg, vert, bodies, grid, image, blood_found,
+                                                progress)
     del vert, bodies
 
     levels = _records(segs, vert_native, bodies_native, image, grid, confidence, uncertain)
-    if len([r for r in levels if r.name != "sacrum"]) < max(1, min_levels):
-        raise InputError(f"no vertebral column found in the CT (found {len(levels)} vertebrae, "
-                         f"need at least {min_levels}).")
+    n_vertebrae = len([r for r in levels if r.name != "sacrum"])
+    if n_vertebrae < max(1, min_levels):
+        raise InputError(f"no vertebral column found in the CT (found {n_vertebrae} vertebrae besides the sacrum, "
+                         f"need at least {max(1, min_levels)}).")
     report(progress, 1.0, "builtin: done")
     return SegmentationResult(
         vertebrae=image.with_array(vert_native.astype(np.uint8)),
@@ -1103,7 +1116,7 @@ def _flood(elev, markers, mask):
     return ws.astype(np.uint8)
 
 
-def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, enc_fc, nz, sp):
+def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, enc_fc, nz, z_off, sp):
     """A contrast-filled aorta (and its rim) among the blood-like candidates in front of the
     canal, all arrays cropped to the front crop: `zone_fc` where vessels are looked for, `edge_fc`
     the rim of blood pools, `h_fc` smoothed HU, `dx_fc` mm from the canal's centre line,
@@ -1130,10 +1143,19 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, enc_fc, nz, sp):
                 continue
             z_ext = (o[0].stop - o[0].start) * sp
             area = sizes[i + 1] * sp ** 3 / max(z_ext, sp)
-            # A short scan (a few vertebrae) holds less aorta: a tube through nearly all of it.
-            if not (z_ext >= min(VESSEL_MIN_LENGTH_MM, 0.8 * nz * sp) and 60.0 <= area <= 800.0):
+            if not 60.0 <= area <= 800.0:
                 continue
             comp = lab[o] == i + 1
+            # A short scan (a few vertebrae) holds less aorta: a tube through nearly all of it.
+            # A vessel that runs into a blood pool (the IVC into the right atrium) or out of the
+            # view is seen only up to there: half the length. (T6-T11 portal-venous phantom: a
+            # 51 mm IVC from the view's end, 1568 voxels in the T11 label, Dice 0.81 -> 0.94)
+            min_len_mm = min(VESSEL_MIN_LENGTH_MM, 0.8 * nz * sp)
+            cut = o[0].start + z_off == 0 or o[0].stop + z_off >= nz
+            if cut or (comp & edge_fc[o]).any():
+                min_len_mm *= 0.5
+            if z_ext < min_len_mm:
+                continue
             # The aorta runs beside the midline; bodies (and a column merged with them) straddle it.
             mid_vox = comp & (np.abs(dx_fc[o]) < VESSEL_MIDLINE_MM)
             if mid_vox.sum() < VESSEL_MIDLINE_SHARE * comp.sum():
@@ -1243,7 +1265,7 @@ def _vessel_branches(cand_full, vessel_fc, h_fc, dx_fc, lumen_min_hu, lumen_max_
 def _vessel_bands():
     """HU bands the vessel tubes are searched in: all blood candidates first (the contrast band
     and portal-venous blood), then narrower bands stepped over VESSEL_HU."""
-    lo = np.arange(VESSEL_HU[0], VESSEL_HU[1] - VESSEL_BAND_HU + 1.0, VESSEL_BAND_STEP_HU)
+    lo = np.arange(VESSEL_BAND_LOW_HU, VESSEL_HU[1] - VESSEL_BAND_HU + 1.0, VESSEL_BAND_STEP_HU)
     return [(-np.inf, np.inf)] + [(float(a), float(a + VESSEL_BAND_HU)) for a in lo]
 
 
@@ -1261,7 +1283,7 @@ def _front_crop(canal, z_lo, z_hi, shape, sp):
     return slice(z_lo, z_hi + 1), slice(y0, y1), slice(x0, x1)
 
 
-def _blood_pools(blood, hu_s, body, canal, front_mm, crop, sp):
+def _blood_pools(blood, hu_s, body, canal, front_mm, crop, enc_fc, sp):
     """Contrast-enhanced blood pools in front of the column (heart chambers, aneurysms): the
     union of balls of radius BLOOD_POOL_RADIUS_MM inside blood-like tissue (a morphological
     opening by distance maps) in the front crop. No vertebral body holds such a ball: bodies are
@@ -1282,12 +1304,22 @@ def _blood_pools(blood, hu_s, body, canal, front_mm, crop, sp):
     h = hu_s[crop]
     lumen_max_hu = float(np.percentile(h[core], 99)) + VESSEL_LUMEN_MARGIN_HU
     core = ndi.binary_dilation(core, structure=_SLICE, iterations=BLOOD_POOL_RIM_VOX, mask=cand & (h < lumen_max_hu))
+    # Portal-venous blood (~150 HU) is a candidate only BLOOD_CORTEX_CLEARANCE_MM clear of the
+    # cortex, so a pool lying on a body keeps a rim that thick there: grown over it as the
+    # aorta's rim is, over voxels of the pool's HU that no cortical ring encloses (marrow has
+    # that HU too, but lies inside its ring). (T6-T11 portal-venous phantom: 617-778 heart
+    # voxels in the T7/T8 labels, whole Dice 0.90/0.88; now 38-43, 0.937/0.94)
+    lumen_min_hu = float(np.percentile(h[core], 1)) - VESSEL_LUMEN_MARGIN_HU
+    room = (body[crop] & (dy < front_mm[zs] - 4.0) & (h > lumen_min_hu) & (h < lumen_max_hu)
+            & (enc_fc < VESSEL_ENCLOSED_DIRS))
+    core = ndi.binary_dilation(core, structure=_SLICE, mask=room | core,
+                               iterations=max(1, int(round(VESSEL_RIM_MM / sp))))
     pool = np.zeros(blood.shape, bool)
     pool[crop] = core
     return pool
 
 
-def _native_labels(segs, names, sacrum_seg, vert, bodies, grid, image, progress=None):
+def _native_labels(segs, names, sacrum_seg, vert, bodies, grid, image, blood_found=None, progress=None):
     """Working labels -> VerSe ids on the input grid (whole vertebrae, bodies), the outlines
     redrawn on the native HU. The anchoring sacrum segment's body label is the sacrum's. Only
     the native box around the labels is worked on (a torso CT's spine is a few % of it)."""
@@ -1313,7 +1345,8 @@ def _native_labels(segs, names, sacrum_seg, vert, bodies, grid, image, progress=
     native_min = float(min(image.spacing_mm))
     if grid.spacing_mm / native_min >= 1.4:
         report(progress, 0.95, "builtin: refining outlines")
-        vert_native, bodies_native = _refine_native(vert_native, bodies_native, sub, grid.spacing_mm)
+        blocked = None if blood_found is None else _to_native(blood_found.astype(np.uint8), grid, sub) > 0
+        vert_native, bodies_native = _refine_native(vert_native, bodies_native, sub, grid.spacing_mm, blocked)
     # The outline on the native HU, drawn only now so that disc finding saw the full column: one
     # voxel layer at most (a low-density body keeps its interior).
     vert_native, bodies_native = _trim_outline(vert_native, bodies_native, sub,
@@ -1469,10 +1502,12 @@ def _past_profile_peak(labels: np.ndarray, in_body: np.ndarray, hu: np.ndarray, 
     return past
 
 
-def _refine_native(vert: np.ndarray, bodies: np.ndarray, image: Image, sp: float):
+def _refine_native(vert: np.ndarray, bodies: np.ndarray, image: Image, sp: float,
+                   blocked: Optional[np.ndarray] = None):
     """Redraw the outlines on a finer native grid: nearest-neighbour labels from the working
     grid are blocky by up to one working voxel. Within that shell a voxel is bone when its own
-    (lightly smoothed) HU says so; its label comes from the neighbouring labelled voxels."""
+    (lightly smoothed) HU says so; its label comes from the neighbouring labelled voxels.
+    `blocked` (native grid, optional): voxels never grown over (contrast blood found)."""
     fg = vert > 0
     if not fg.any():
         return vert, bodies
@@ -1488,7 +1523,15 @@ def _refine_native(vert: np.ndarray, bodies: np.ndarray, image: Image, sp: float
     inner = ndi.binary_erosion(fg, structure=struct, border_value=1)   # (the view's end is no outline)
     grown_v = ndi.grey_dilation(v, footprint=struct)
     grown_b = ndi.grey_dilation(b, footprint=struct)
-    keep = inner | ((ndi.binary_dilation(fg, structure=struct) & ~inner) & (hu > NATIVE_EDGE_HU))
+    shell = ndi.binary_dilation(fg, structure=struct) & ~inner & (hu > NATIVE_EDGE_HU)
+    if blocked is not None:
+        # Contrast blood found on the working grid (arterial lumen ~300 HU) is brighter than
+        # the edge threshold: not grown over (labelled voxels there stay for the outline trim).
+        # Arterial T10-L1 phantom, 1x1x3 mm: a 2-3 voxel crescent of the aorta on T10/T11,
+        # body Dice 0.894 -> 0.927.
+        shell &= fg | ~blocked[crop]
+    keep = inner | shell
+    del shell
     # Trabecular bone just under the cortex is darker than the outline threshold: where a kept
     # cortical ring encloses it in-plane, the labelled voxels inside stay (no pockets in a body).
     keep |= fg & ndi.binary_fill_holes(keep, structure=_SLICE)
@@ -1607,20 +1650,42 @@ def _drop_rib_spurs(vert, bodies, is_thoracic, rib_taken, zone, beside, sp):
     vert[crop][touching(near)] = 0
 
 
-def _body_centres_z(segs, bodies) -> dict[int, float]:
-    """Per working label with a body: the body's mean slice index (one pass over the bodies)."""
-    voxels = np.array([np.bincount(sl.ravel(), minlength=256) for sl in bodies])  # (slice, label)
-    counts = voxels.sum(axis=0)
-    z_sum = np.arange(len(voxels), dtype=float) @ voxels
-    return {sg.label: float(z_sum[sg.label] / counts[sg.label]) for sg in segs if counts[sg.label]}
+def _body_frames(segs, bodies) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per working label with a body: its centroid (z, y, x, working voxels) and its superior
+    axis, the principal axis of the body's voxels nearest the slice axis (a scoliotic vertebra
+    is tilted in the coronal plane too). One pass of moment sums over the body voxels."""
+    idx = np.nonzero(bodies)
+    lab = bodies[idx]
+    pts = [c.astype(float) for c in idx]
+    counts = np.bincount(lab, minlength=256).astype(float)
+    sums = [np.bincount(lab, weights=c, minlength=256) for c in pts]
+    second = {(a, b): np.bincount(lab, weights=pts[a] * pts[b], minlength=256)
+              for a in range(3) for b in range(a, 3)}
+    del idx, lab, pts
+    frames = {}
+    for sg in segs:
+        n = counts[sg.label]
+        if n < 10:
+            continue
+        mean = np.array([s_[sg.label] / n for s_ in sums])
+        cov = np.empty((3, 3))
+        for (a, b), m in second.items():
+            cov[a, b] = cov[b, a] = m[sg.label] / n - mean[a] * mean[b]
+        axes = np.linalg.eigh(cov)[1]
+        up = axes[:, int(np.argmax(np.abs(axes[0])))]
+        frames[sg.label] = (mean, up if up[0] > 0 else -up)
+    return frames
 
 
-def _rib_level(segs, centre_z, z_root, sp):
-    """The vertebra a rib belongs to: the one whose body centre is nearest in height to the
-    rib's medial end (ribs slope down, so the label of the bone they touch is less reliable),
-    or None when no body centre lies within 25 mm of it."""
-    label = min(centre_z, key=lambda k: abs(centre_z[k] - z_root))
-    if abs(centre_z[label] - z_root) * sp > 25.0:
+def _rib_level(segs, frames, root_zyx, sp):
+    """The vertebra a rib belongs to: the one whose body mid-plane (through its centroid, across
+    its superior axis) lies nearest to the rib's medial end (ribs slope down, so the label of the
+    bone they touch is less reliable; the body's tilt counts, since a root 50 mm lateral sits
+    7 mm higher or lower on an 8 degree scoliotic tilt), or None when none is within 25 mm."""
+    p = np.asarray(root_zyx, float)
+    height = {k: abs(float((p - c) @ u)) for k, (c, u) in frames.items()}
+    label = min(height, key=height.get)
+    if height[label] * sp > 25.0:
         return None
     return next((sg for sg in segs if sg.label == label), None)
 
@@ -1637,8 +1702,8 @@ def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
         return ribs
     sizes = np.bincount(lab.ravel(), minlength=n + 1) * sp ** 3
     objs = ndi.find_objects(lab)
-    centre_z = _body_centres_z(segs, bodies)
-    if not centre_z:
+    frames = _body_frames(segs, bodies)
+    if not frames:
         return ribs
     # Rib roots: just outside the lateral walls of the box, beside labelled column bone.
     wall = np.broadcast_to((np.abs(dx) >= ROI_LATERAL_MM) & (np.abs(dx) < ROI_LATERAL_MM + RIB_GAP_MM), vert.shape)
@@ -1653,8 +1718,8 @@ def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
         touch = near_col[o] & wall[o] & (lab[o] == i + 1)
         if touch.sum() < 2:
             continue
-        z_root = float(np.nonzero(touch)[0].mean() + o[0].start)
-        sg = _rib_level(segs, centre_z, z_root, sp)
+        root = np.array([c.mean() + sl.start for c, sl in zip(np.nonzero(touch), o)])
+        sg = _rib_level(segs, frames, root, sp)
         if sg is None:
             continue
         sg.ribs += 1
@@ -1675,8 +1740,8 @@ def _find_rib_stubs(segs, vert, bodies, dx, dy, sp):
     zc = min(vert.shape[0], ke + int(round(60.0 / sp)))
     if vert.shape[0] <= 2 * ke or not (vert[:ke] > 0).any():
         return
-    centre_z = _body_centres_z(segs, bodies)
-    if not centre_z:
+    frames = _body_frames(segs, bodies)
+    if not frames:
         return
     v = vert[:zc] > 0
     adx = np.abs(dx[:zc])                        # (z, 1, x): broadcast, not materialised
@@ -1707,8 +1772,8 @@ def _find_rib_stubs(segs, vert, bodies, dx, dy, sp):
         at_end = zz < ke
         if not medial.any() or (zz[medial].mean() - zz[at_end].mean()) * sp < RIB_STUB_RISE_MM:
             continue
-        z_root = float(zz[medial].mean())
-        sg = _rib_level(segs, centre_z, z_root, sp)
+        root = np.array([c[medial].mean() + sl.start for c, sl in zip(np.nonzero(m), o)])
+        sg = _rib_level(segs, frames, root, sp)
         if sg is not None:
             sg.rib_stubs += 1
 
