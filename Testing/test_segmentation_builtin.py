@@ -363,6 +363,24 @@ def test_scoliotic_view_without_sacrum_is_named_from_both_12th_ribs():
     assert res.level("T12").flags.count("rib_bearing") == 1 and "rib_bearing" not in res.level("L1").flags
 
 
+def test_canal_chain_follows_the_canal_past_gaps_and_side_pockets():
+    # Candidate pockets (z, y, x, area, front) on a 1.5 mm grid: the canal drifts 0.4 voxel per
+    # slice to the right, with 10-slice runs where no pocket closes (15 mm) and, at every
+    # fifth slice, a small pocket 6 voxels to its side (a foramen).
+    from spinekit.segmentation.builtin import _canal_chain
+
+    canal = [(z, 100.0, 50.0 + 0.4 * z, 150.0, 95.0) for z in range(60) if not (15 <= z < 25 or 40 <= z < 50)]
+    side = [(z, 100.0, 56.0 + 0.4 * z, 30.0, 97.0) for z in range(0, 60, 5)]
+    rows8 = np.array(canal + side[::2])
+    rows7 = np.array(side[1::2] + [(z, y + 1.0, x, 2 * a, f) for z, y, x, a, f in canal[::3]])
+    chain = _canal_chain(rows8, rows7, 1.5)
+    assert sorted(chain) == [z for z, *_ in canal]          # every canal slice, no side pocket
+    assert all(chain[z][3] == 150.0 and chain[z][1] == 100.0 for z in chain)   # the 8-direction pocket
+    # A lone pocket far off the line in a canal slice, with no chain of its own, is left out.
+    chain = _canal_chain(np.vstack([rows8, [(30.0, 60.0, 20.0, 150.0, 55.0)]]), rows7, 1.5)
+    assert chain[30][1] == 100.0
+
+
 @pytest.mark.parametrize("kw", [
     # 2 mm, scoliosis 15 mm to the left: a walk from one seed lost the canal after one vertebra
     # and extrapolated past L3, whose transverse processes then read as ribs (named T9-T12, L3
