@@ -1,7 +1,9 @@
 """Benchmark of the builtin CT segmentation backend (rows for `make bench`).
 
-Real CT (TotalSegmentator's labels as the reference, ../shared/data; skipped when absent),
-a phantom sweep against known truth, and time / peak memory on a 512x512x400 CT.
+Real CT (TotalSegmentator's labels as the reference, ../shared/data; skipped when absent:
+Dice, and found-and-named by VerSe's identification rule), a sweep of chosen phantoms against
+known truth, phantoms drawn at random over the same ranges (bench_random, fixed seed), noise
+seeds and thick slices, and time / peak memory on a 512x512x400 CT.
 Run alone: ``python -m spinekit.segmentation.bench [--quick]``.
 """
 
