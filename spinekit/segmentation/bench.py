@@ -250,8 +250,7 @@ def bench_random(n: int = 16, seed: int = 20261205) -> list[dict]:
         kw = random_case(rng)
         ph = generate_ct_phantom(CTPhantomConfig(**kw))
         names = _truth_vertebrae(ph)
-        has_anchor = bool(ph.truth.get("sacrum")) or (
-            any(x.startswith("T") for x in names) and any(x.startswith("L") for x in names))
+        has_anchor = _has_anchor(ph)
         try:
             res = segment_builtin(ph.image)
             whole, body = _level_dice(res, ph, names, has_anchor)
@@ -301,6 +300,14 @@ def _truth_vertebrae(ph) -> list[str]:
     return [n for n in (lv.level_name(int(i)) for i in np.unique(ph.vertebrae.array) if i) if n != "sacrum"]
 
 
+def _has_anchor(ph) -> bool:
+    """Whether the phantom's view holds a naming anchor: the sacrum, or the last rib (a thoracic
+    level above a lumbar one)."""
+    names = _truth_vertebrae(ph)
+    return bool(ph.truth.get("sacrum")) or (
+        any(n.startswith("T") for n in names) and any(n.startswith("L") for n in names))
+
+
 def _found_vertebrae(res) -> list[str]:
     """The segmentation's named vertebra levels (sacrum left out)."""
     return [n for n in res.present_levels() if n != "sacrum"]
@@ -327,8 +334,7 @@ def bench_phantoms(quick: bool = False) -> list[dict]:
             continue
         truth = ph.vertebrae.array
         names = [lv.level_name(int(i)) for i in np.unique(truth) if i]
-        has_anchor = bool(ph.truth.get("sacrum")) or (
-            any(n.startswith("T") for n in names) and any(n.startswith("L") for n in names))
+        has_anchor = _has_anchor(ph)
         if "sacrum" in names:
             min_sacrum = min(min_sacrum, _level_dice(res, ph, ["sacrum"], has_anchor)[0][0])
         levels = [n for n in names if n != "sacrum"]

@@ -1049,8 +1049,9 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
 
     # --- anchors -----------------------------------------------------------------------------
     report(progress, 0.8, "builtin: naming levels")
-    ribs = _find_ribs(segs, vert, bodies, bone, box, dx, sp)
-    _find_rib_stubs(segs, vert, bodies, dx, dy, sp)
+    frames = _body_frames(segs, bodies)   # (one pass over the bodies for both rib counts)
+    ribs = _find_ribs(segs, vert, frames, bone, box, dx, sp)
+    _find_rib_stubs(segs, vert, frames, dx, dy, sp)
     # Thoracic laminae and spinous processes slope caudally and overlap the vertebra below like
     # roof shingles: above a rib-bearing vertebra (both thoracic; the upper one's ribs may be out
     # of view) the arch split is flooded again with the arch plane sloping down behind the canal.
@@ -1227,10 +1228,7 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
         # blood candidate (a calcified wall is cortex-bright too): grown there over lumen-HU
         # voxels in front of the canal that no cortical ring encloses in-plane (portal-venous
         # marrow has the lumen's HU, but it lies inside the body's ring; the ring is brighter).
-        room = zone_fc & (h_fc < lumen_max_hu) & (h_fc > lumen_min_hu) & (enc_fc < VESSEL_ENCLOSED_DIRS)
-        vessel_fc = ndi.binary_dilation(vessel_fc, structure=_SLICE, mask=room | vessel_fc,
-                                        iterations=max(1, int(round(VESSEL_RIM_MM / sp))))
-        del room
+        vessel_fc = _grow_rim(vessel_fc, zone_fc, h_fc, lumen_min_hu, lumen_max_hu, enc_fc, sp)
         if lumen_min_hu < lumen_max_hu:
             # The lumen's partial-volume rim, darker than the lumen (a voxel or two thick at
             # coarse spacing, and trabecular-bright): grown downhill only, each voxel no
@@ -1241,6 +1239,16 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
             for _ in range(max(1, int(round(VESSEL_RIM_MM / sp)))):
                 vessel_fc |= lower & (h_fc <= ndi.maximum_filter(np.where(vessel_fc, h_fc, -np.inf), footprint=_SLICE))
     return vessel_fc, lumen_min_hu, lumen_max_hu
+
+
+def _grow_rim(blood, zone, h, lumen_min_hu, lumen_max_hu, enc, sp):
+    """`blood` grown in-plane by VESSEL_RIM_MM over `zone` voxels of the lumen's HU (between
+    lumen_min_hu and lumen_max_hu) that no cortical ring encloses (`enc`, in-plane directions with
+    bone, under VESSEL_ENCLOSED_DIRS): the rim of a vessel or blood pool against a body, which the
+    cortex clearance kept out of the blood candidates. All arrays on one crop."""
+    room = zone & (h > lumen_min_hu) & (h < lumen_max_hu) & (enc < VESSEL_ENCLOSED_DIRS)
+    return ndi.binary_dilation(blood, structure=_SLICE, mask=room | blood,
+                               iterations=max(1, int(round(VESSEL_RIM_MM / sp))))
 
 
 def _vessel_branches(cand_full, vessel_fc, h_fc, dx_fc, lumen_min_hu, lumen_max_hu, sp):
@@ -1337,10 +1345,7 @@ def _blood_pools(blood, hu_s, body, canal, front_mm, crop, enc_fc, sp):
     # that HU too, but lies inside its ring). (T6-T11 portal-venous phantom: 617-778 heart
     # voxels in the T7/T8 labels, whole Dice 0.90/0.88; now 38-43, 0.937/0.94)
     lumen_min_hu = float(np.percentile(h[core], 1)) - VESSEL_LUMEN_MARGIN_HU
-    room = (body[crop] & (dy < front_mm[zs] - 4.0) & (h > lumen_min_hu) & (h < lumen_max_hu)
-            & (enc_fc < VESSEL_ENCLOSED_DIRS))
-    core = ndi.binary_dilation(core, structure=_SLICE, mask=room | core,
-                               iterations=max(1, int(round(VESSEL_RIM_MM / sp))))
+    core = _grow_rim(core, body[crop] & (dy < front_mm[zs] - 4.0), h, lumen_min_hu, lumen_max_hu, enc_fc, sp)
     pool = np.zeros(blood.shape, bool)
     pool[crop] = core
     return pool
@@ -1728,7 +1733,7 @@ def _rib_level(segs, frames, root_zyx, sp):
     return next((sg for sg in segs if sg.label == label), None)
 
 
-def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
+def _find_ribs(segs, vert, frames, bone, box, dx, sp):
     """Count ribs per vertebra: elongated bone pieces outside the column box whose medial end
     meets the box's lateral wall next to the column. A rib is given to the vertebra whose body
     centre is nearest in height to that medial end (ribs slope down, so labels of the bone
@@ -1740,7 +1745,6 @@ def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
         return ribs
     sizes = np.bincount(lab.ravel(), minlength=n + 1) * sp ** 3
     objs = ndi.find_objects(lab)
-    frames = _body_frames(segs, bodies)
     if not frames:
         return ribs
     # Rib roots: just outside the lateral walls of the box, beside labelled column bone.
@@ -1765,7 +1769,7 @@ def _find_ribs(segs, vert, bodies, bone, box, dx, sp):
     return ribs
 
 
-def _find_rib_stubs(segs, vert, bodies, dx, dy, sp):
+def _find_rib_stubs(segs, vert, frames, dx, dy, sp):
     """Count ribs cut short by the caudal end of the scan (a thin slab at the thoracolumbar
     junction): a rib descends laterally from its head beside the pedicle, so in view it is a bar
     of the vertebra's bone that leaves the scan's caudal end well lateral of the arch, as a
@@ -1778,7 +1782,6 @@ def _find_rib_stubs(segs, vert, bodies, dx, dy, sp):
     zc = min(vert.shape[0], ke + int(round(60.0 / sp)))
     if vert.shape[0] <= 2 * ke or not (vert[:ke] > 0).any():
         return
-    frames = _body_frames(segs, bodies)
     if not frames:
         return
     v = vert[:zc] > 0
