@@ -364,10 +364,35 @@ def test_rib_goes_to_the_vertebra_whose_tilted_mid_plane_is_nearest():
     assert frames[1][1][2] > 0.25                      # the superior axis leans to +x (20 deg)
     root = np.array([25.0 + 8.0, 20.0, 45.0 + 33.0])
     assert _rib_level(segs, frames, root, 1.5).label == 2
-    flat = {k: (c, np.array([1.0, 0.0, 0.0])) for k, (c, _) in frames.items()}
+    flat = {k: (c, np.array([1.0, 0.0, 0.0]), h) for k, (c, _, h) in frames.items()}
     assert _rib_level(segs, flat, root, 1.5).label == 1
     # ... and none when the root is over 25 mm from every mid-plane
     assert _rib_level(segs, frames, np.array([75.0, 20.0, 45.0]), 1.5) is None
+
+
+def test_rib_at_a_scoliotic_apex_goes_by_the_disc_between_opposite_tilts():
+    # At the apex of a scoliotic curve two neighbours lean opposite ways (T12 +17 deg, L1 -17 deg
+    # in a T11-L2 phantom with 18 mm scoliosis). Their mid-planes cross 36 voxels to the right,
+    # where the rib roots lie (50-60 mm lateral), so there a root is as near to one mid-plane as
+    # to the other: the phantom's 12th rib went to L1 and every level was named one too high,
+    # with confidence. The disc between them is level (the mean of the two tilts) at z 36: a
+    # root above it is the upper vertebra's.
+    from spinekit.segmentation.builtin import _Segment, _body_frames, _rib_level
+
+    zz, yy, xx = np.indices((80, 40, 100), dtype=float)
+    tilt = np.tan(np.radians(17.0))
+    bodies = np.zeros(zz.shape, np.uint8)
+    for label, zc, lean in ((1, 25.0, -1.0), (2, 47.0, 1.0)):
+        h = zz - zc + lean * tilt * (xx - 45.0)
+        bodies[(np.abs(h) < 6.0) & (np.abs(xx - 45.0) < 20.0) & (np.abs(yy - 20.0) < 14.0)] = label
+    segs = [_Segment(0.0, 1.0, label=1), _Segment(1.0, 2.0, label=2)]
+    frames = _body_frames(segs, bodies)
+    assert frames[1][2] == pytest.approx(6.0, abs=1.0)   # half-height along the axis
+    root = np.array([38.0, 20.0, 45.0 + 40.0])
+    mid_plane = {k: abs(float((root - c) @ u)) for k, (c, u, _) in frames.items()}
+    assert mid_plane[1] < mid_plane[2]                   # the lower mid-plane is the nearer
+    assert _rib_level(segs, frames, root, 1.5).label == 2
+    assert _rib_level(segs, frames, np.array([34.0, 20.0, 85.0]), 1.5).label == 1
 
 
 def test_scoliotic_view_without_sacrum_is_named_from_both_12th_ribs():
@@ -430,6 +455,30 @@ def test_arterial_aorta_in_front_of_a_scoliotic_lumbar_column_is_removed():
     _assert_named_and_dice(ph, res, 0.92, 0.9)     # measured 0.938-0.971 / 0.919-0.969
     aorta = ph.tissues.array == TISSUE_IDS["aorta"]
     assert (res.vertebrae.array[aorta] > 0).mean() < 0.05
+
+
+def test_dim_cortex_next_to_the_arterial_aorta_stays_bone():
+    # Arterial phase at 79 keV with low-density bodies (47-129 mg/cm3): the cortex is as dim as
+    # the lumen (~300 HU), its flanks joined the aorta's HU band and tube, and the rim growth ran
+    # from them into the marrow (T10 / T11 / L1 bodies 0.83 / 0.87 / 0.82). Only voxels up to the
+    # lumen's own HU make the tube now.
+    ph = _phantom(first_level="T10", last_level="L2", spacing_mm=(1.0, 1.0, 2.0), noise_hu=15.4,
+                  scoliosis_mm=-18.3, lordosis_deg=48.3, kyphosis_deg=12.9, contrast_phase="arterial",
+                  effective_kev=79.3, seed=202,
+                  densities_mg_cm3={"T10": 116, "T11": 92, "T12": 170, "L1": 47, "L2": 129})
+    res = segment_builtin(ph.image)
+    _assert_named_and_dice(ph, res, 0.93, 0.92)     # measured 0.952-0.966 / 0.944-0.963
+
+
+def test_rib_at_a_scoliotic_apex_names_the_levels_right():
+    # T11-L2, 18 mm scoliosis with its apex at T12/L1 (T12 leans +17 deg, L1 -17 deg): T12's rib
+    # root lies where the two mid-planes cross, it went to L1 and the view was named T10-L1 with
+    # confidence (see the unit test above).
+    ph = _phantom(first_level="T11", last_level="L2", spacing_mm=(0.8, 0.8, 1.25), noise_hu=15.4,
+                  scoliosis_mm=-18.3, lordosis_deg=48.3, kyphosis_deg=12.9, contrast_phase="arterial",
+                  effective_kev=79.3, seed=202, densities_mg_cm3={"T11": 92, "T12": 170, "L1": 47, "L2": 129})
+    res = segment_builtin(ph.image)
+    _assert_named_and_dice(ph, res, 0.93, 0.92)     # measured 0.951-0.979 / 0.952-0.965
 
 
 @pytest.fixture(scope="module")
@@ -845,6 +894,34 @@ def test_thin_disc_between_endplates_is_found_without_a_density_minimum():
     prof[10] = 0.1
     discs, endplate_only = _find_discs(prof, sp, score)
     assert discs == [10] and endplate_only == []
+
+
+def test_dip_in_a_low_density_body_is_no_disc():
+    from spinekit.segmentation.builtin import _find_discs
+
+    # Density-weighted body profile, 1.5 mm bins: dense bodies (100) and between them an
+    # osteoporotic one (40) whose marrow dips to 25 mid-body, discs at bins 20 and 41 (5). Against
+    # the dense bodies across the discs the dip is as deep as a disc (25 / 100); within its own
+    # body it is not (25 / 40): arterial T10-L3 phantom, L1 at 47 mg/cm3 split in two and every
+    # lumbar level named one too low.
+    prof = np.full(62, 100.0)
+    prof[22:40] = 40.0
+    prof[29:32] = [30.0, 25.0, 30.0]
+    prof[20:22] = prof[40:42] = 5.0
+    discs, _ = _find_discs(prof, 1.5)
+    assert discs == [20, 40]
+    # Where the disc spacing expects a disc and the profile holds two weak candidates, the band
+    # between two endplates is the disc, not the osteoporotic body's deeper mid-body dip (random
+    # T9-L2 phantom, T10 at 53 mg/cm3, measured profile from bin 75).
+    prof = np.full(124, 100.0)
+    prof[[23, 45, 65]] = 5.0
+    prof[75:] = [106, 108, 109, 107, 101, 95, 88, 86, 81, 64, 49, 67, 75, 67, 57, 51, 45, 44, 45, 45, 48,
+                 54, 54, 54, 56, 62, 69, 75, 61, 51, 65, 80, 85, 83, 86, 89, 89, 87, 88, 92, 94, 85, 76,
+                 69, 61, 53, 44, 23, 7]
+    valley = np.full(124, np.nan)
+    valley[[85, 104]] = [219.0, 161.0]
+    discs, _ = _find_discs(prof, 1.5, valley)
+    assert discs == [23, 45, 65, 85, 104]
 
 
 def _slab(img: Image, lo: int, height_mm: float) -> Image:
