@@ -196,6 +196,15 @@ def phantom_cases(quick: bool = False) -> list[dict]:
         # ... and a tight scoliotic curve, its 12th ribs leaving the column 14 mm apart in height.
         dict(first_level="T12", last_level="L3", spacing_mm=(2.0, 2.0, 1.25), scoliosis_mm=-19.4,
              lordosis_deg=46.0, kyphosis_deg=36.0, noise_hu=22.0, seed=751),
+        # Seeds 20261205 / 31: an osteoporotic L1 (47 mg/cm3) split at its mid-body dip, and a cortex
+        # as dim as the arterial lumen at 79 keV taken with the aorta ...
+        dict(first_level="T10", last_level="L3", spacing_mm=(0.8, 0.8, 1.25), noise_hu=15.4, scoliosis_mm=-18.3,
+             lordosis_deg=48.3, kyphosis_deg=12.9, contrast_phase="arterial", effective_kev=79.3, seed=202,
+             densities_mg_cm3={"T10": 116.0, "T11": 92.0, "T12": 170.0, "L1": 47.0, "L2": 129.0, "L3": 198.0}),
+        # ... a noisy (28 HU) portal-venous aorta broken into pieces too short for a tube.
+        dict(first_level="T8", last_level="L1", noise_hu=28.2, scoliosis_mm=-11.2, lordosis_deg=39.5,
+             kyphosis_deg=17.6, contrast_phase="portal-venous", effective_kev=57.5, seed=112,
+             fractures={"T12": ("crush", 2)}, basivertebral_vein=True),
         # The common clinical geometry: 3 mm slices of sub-millimetre pixels, portal-venous.
         dict(first_level="T12", last_level="L4", spacing_mm=(0.8, 0.8, 3.0), contrast_phase="portal-venous"),
     ]
@@ -481,6 +490,7 @@ def run_bench(quick: bool = False) -> list[dict]:
     else:
         rows += bench_seeds()
         rows += bench_random()
+        rows += bench_random(seed=31)
         rows += bench_thick_slices()
         rows += bench_speed()
     return rows
