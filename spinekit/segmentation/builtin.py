@@ -96,7 +96,6 @@ ENDPLATE_CONTRAST_HU = 40.0  # a disc band is this much darker than the endplate
 END_DISC_MARGIN_HU = 10.0    # ... and a disc cut by the view's end this much darker than the marrow
 DEFAULT_PITCH_MM = 30.0  # vertebra + disc height when too few discs are seen to measure it
 TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # sagittal tilts of the disc-finding slabs
-_TILTS = TILTS_DEG
 VESSEL_HU = (160.0, 520.0)  # contrast-filled aorta (arterial phase up to ~350-450 HU)
 VESSEL_BAND_HU = 120.0   # ... also searched in narrower bands this wide (a 3 mm lumen apart from blurred marrow)
 VESSEL_BAND_STEP_HU = 40.0
@@ -642,11 +641,8 @@ def _disc_planes(column, anterior, hu_s, dx, canal_cx, sp):
     # Discs are tilted against the centreline normal at the lordotic/kyphotic bends (L5/S1
     # most): profiles over slabs tilted in the sagittal plane, the deepest one per position.
     def tilted(t, deg):
-        sag, cor = deg if isinstance(deg, tuple) else (deg, 0.0)
-        c, si = np.cos(np.radians(sag)), np.sin(np.radians(sag))
-        t = np.stack([t[..., 0] * c - t[..., 1] * si, t[..., 0] * si + t[..., 1] * c, t[..., 2]], axis=-1)
-        c, si = np.cos(np.radians(cor)), np.sin(np.radians(cor))
-        return np.stack([t[..., 0] * c - t[..., 2] * si, t[..., 1], t[..., 0] * si + t[..., 2] * c], axis=-1)
+        c, si = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+        return np.stack([t[..., 0] * c - t[..., 1] * si, t[..., 0] * si + t[..., 1] * c, t[..., 2]], axis=-1)
 
     off = np.stack([np.zeros(zb.size), (yb - by[zb]) * sp, (xb - bx[zb]) * sp], axis=1)
     s_lo = s_z[zb].min() - 40.0
@@ -658,7 +654,7 @@ def _disc_planes(column, anterior, hu_s, dx, canal_cx, sp):
     w_body = np.clip(hu_body - 50.0, 10.0, 150.0)
     profiles = []
     low_profiles = []
-    for deg in _TILTS:
+    for deg in TILTS_DEG:
         n_t = tilted(t_z[zb], deg)
         sv = s_z[zb] + np.sum(off * n_t, axis=1) / np.maximum(np.sum(t_z[zb] * n_t, axis=1), 0.5)
         bins = np.clip(((sv - s_lo) / sp).astype(int), 0, nb - 1)
@@ -694,7 +690,7 @@ def _disc_planes(column, anterior, hu_s, dx, canal_cx, sp):
     for d in disc_bins:
         zi, flat_plane = level_plane(d)
         # (a disc seen only as a dark band between endplates: the tilt that shows it best)
-        deg = _TILTS[int(valley_tilt[d - b0]) if d in endplate_only else int(np.argmin(profiles[:, d]))]
+        deg = TILTS_DEG[int(valley_tilt[d - b0]) if d in endplate_only else int(np.argmin(profiles[:, d]))]
         n_d = tilted(t_z[zi], deg)
         planes.append((flat_plane[0], n_d / np.linalg.norm(n_d)))
         # Behind the body the untilted normal: a tilted disc plane (L5/S1) extended backwards
@@ -711,7 +707,7 @@ def _disc_planes(column, anterior, hu_s, dx, canal_cx, sp):
     # shows it; its rim closes a ring and its content is filled as bone (real 2 mm slab: the
     # T12/L1 disc in the two caudal slices). Judged on the untilted slabs, which the view's end
     # does not cut.
-    flat = low_profiles[_TILTS.index(0.0)]
+    flat = low_profiles[TILTS_DEG.index(0.0)]
     for caudal in (True, False):
         if not (zb.min() == 0 if caudal else zb.max() == nz - 1):
             continue
