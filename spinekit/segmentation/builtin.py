@@ -585,6 +585,13 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
             rate(p)
             if p in ratio:
                 weak.append(p)
+
+    def rank(p):
+        """Of several weak candidates, a dark band between two endplates first: the mid-body dip
+        of an osteoporotic body can be as deep as its discs, but has no endplate within reach
+        (random T9-L2 phantom, T10 at 53 mg/cm3: its dip was taken for both discs)."""
+        return (not (valley is not None and valley[p] >= ENDPLATE_CONTRAST_HU), ratio[p])
+
     changed = True
     while changed and weak:
         changed = False
@@ -595,12 +602,6 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
                 continue
             # Expected disc one pitch away from a sure disc (or the profile end).
             targets = ([a + pitch] if a in chosen else []) + ([b - pitch] if b in chosen else [])
-            # (of several, a dark band between two endplates first: the mid-body dip of an
-            # osteoporotic body can be as deep as its discs, but has no endplate within reach.
-            # Random T9-L2 phantom, T10 at 53 mg/cm3: its dip was taken for both discs)
-            def rank(p):
-                return (not (valley is not None and valley[p] >= ENDPLATE_CONTRAST_HU), ratio[p])
-
             best = None
             for p in weak:
                 if not (a < p < b) or min(p - a, b - p) * bw < MIN_VERTEBRA_MM:
