@@ -7,9 +7,10 @@ Pipeline (all on an internal axis-aligned LPS grid of 1.5-2 mm, labels mapped ba
 2. bone = smoothed HU above a cortical threshold; per-slice hole filling (after a small closing
    in the body zone) turns cortical rings into solid bone, so low-density bodies are found by
    their shell; trabecular-density voxels count as bone too;
-3. spinal canal = soft tissue (CSF-like HU) enclosed by bone in the 8 in-plane directions, near
-   the midline; tracked slice by slice from a seed with a drift prediction (lordosis,
-   scoliosis), gaps bridged, extrapolated along the sacral curve;
+3. spinal canal = soft tissue (CSF-like HU) enclosed by bone in the 8 (or 7) in-plane
+   directions, near the midline; the best chain of such pockets through the slices (a dynamic
+   programme: off-canal pockets and gaps neither end nor bend it), its centre median-smoothed
+   over 40 mm of slices, extrapolated along the sacral curve;
 4. column = solid bone in a box around the canal, minus the canal; contrast blood pools too
    thick for any vertebral body (heart chambers) are removed; a long, homogeneous,
    off-midline tube in front of the bodies (contrast aorta; also searched in narrower HU bands,
@@ -17,7 +18,9 @@ Pipeline (all on an internal axis-aligned LPS grid of 1.5-2 mm, labels mapped ba
    and so are pieces of its lumen HU hanging on the column by thin contacts (its branches);
    body = the column part anterior to the canal's anterior wall;
 5. discs = deep minima of the density-weighted body profile along the body centreline, over
-   slabs tilted -30..30 degrees (the L5/S1 disc), gaps filled where the disc spacing expects one;
+   slabs tilted -30..30 degrees (the L5/S1 disc), each measured within its own vertebra (an
+   osteoporotic body's mid-body dip is not a disc), gaps filled where the disc spacing expects
+   one (a dark band between two endplates before a mid-body dip);
    where no disc is sure (a short slab), thin dark bands between two bright endplates in a
    low-percentile HU profile (a thin disc as bright as marrow); every disc's dark band is
    carved out of the column (thin thoracic discs are filled in as bone otherwise);
@@ -25,7 +28,8 @@ Pipeline (all on an internal axis-aligned LPS grid of 1.5-2 mm, labels mapped ba
    watershed over the inverted distance map (pedicles are thick, facet contacts thin);
 7. names from anchors: sacrum (solid alae lateral to the lowest segment) -> L5, lowest
    rib-bearing vertebra with a rib-free one below -> T12 (only where the scan reaches 30 mm
-   below that one's rib heads: ribs descend out of a view that ends sooner); both -> lumbar from the sacrum,
+   below that one's rib heads: ribs descend out of a view that ends sooner; a rib belongs to
+   the vertebra between whose disc planes, tilted with the bodies, its medial end lies); both -> lumbar from the sacrum,
    thoracic from the ribs, conflicts flagged; no anchor -> a guess marked uncertain (ribs cut
    short by the scan's caudal end count for the guess, never as an anchor);
 8. rib heads/necks are given back to the ribs (followed medially from the ribs outside the box;
@@ -1784,9 +1788,9 @@ def _rib_level(segs, frames, root_zyx, sp):
 
 def _find_ribs(segs, vert, frames, bone, box, dx, sp):
     """Count ribs per vertebra: elongated bone pieces outside the column box whose medial end
-    meets the box's lateral wall next to the column. A rib is given to the vertebra whose body
-    centre is nearest in height to that medial end (ribs slope down, so labels of the bone
-    they touch are less reliable than the body level)."""
+    meets the box's lateral wall next to the column. A rib is given to the vertebra whose room
+    between its disc planes holds that medial end (_rib_level; ribs slope down, so labels of
+    the bone they touch are less reliable than the body level)."""
     outside = bone & ~box
     ribs = np.zeros(vert.shape, bool)
     lab, n = ndi.label(outside)
@@ -1825,7 +1829,7 @@ def _find_rib_stubs(segs, vert, frames, dx, dy, sp):
     separate cross-section there, and rises medially towards its head. The outside-the-box
     test of _find_ribs cannot see it (the piece in view stays inside the column box). Lumbar
     transverse processes run level and join their arch in the same slice; articular processes
-    stay medial. Counted in segs[].rib_stubs, for the vertebra nearest in height to the head."""
+    stay medial. Counted in segs[].rib_stubs, for the vertebra _rib_level gives the head to."""
     ke = max(1, int(round(4.0 / sp)))           # the end slab: the last few mm of the scan
     # Only the caudal part of the scan can hold such a rib with its head (about one vertebra).
     zc = min(vert.shape[0], ke + int(round(60.0 / sp)))
