@@ -517,13 +517,19 @@ def test_dim_cortex_next_to_the_arterial_aorta_stays_bone():
     _assert_named_and_dice(ph, res, 0.93, 0.92)     # measured 0.952-0.966 / 0.944-0.963
 
 
+def _scoliotic_apex_phantom(l1_mg_cm3: float):
+    # T11-L2, 18 mm scoliosis with its apex at T12/L1 (T12 leans +17 deg, L1 -17 deg; the disc
+    # between them is wedged 34 deg).
+    return _phantom(first_level="T11", last_level="L2", spacing_mm=(0.8, 0.8, 1.25), noise_hu=15.4,
+                    scoliosis_mm=-18.3, lordosis_deg=48.3, kyphosis_deg=12.9, contrast_phase="arterial",
+                    effective_kev=79.3, seed=202,
+                    densities_mg_cm3={"T11": 92, "T12": 170, "L1": l1_mg_cm3, "L2": 129})
+
+
 def test_rib_at_a_scoliotic_apex_names_the_levels_right():
-    # T11-L2, 18 mm scoliosis with its apex at T12/L1 (T12 leans +17 deg, L1 -17 deg): T12's rib
-    # root lies where the two mid-planes cross, it went to L1 and the view was named T10-L1 with
-    # confidence (see the unit test above).
-    ph = _phantom(first_level="T11", last_level="L2", spacing_mm=(0.8, 0.8, 1.25), noise_hu=15.4,
-                  scoliosis_mm=-18.3, lordosis_deg=48.3, kyphosis_deg=12.9, contrast_phase="arterial",
-                  effective_kev=79.3, seed=202, densities_mg_cm3={"T11": 92, "T12": 170, "L1": 129, "L2": 129})
+    # T12's rib root lies where the T12 and L1 mid-planes cross, it went to L1 and the view was
+    # named T10-L1 with confidence (see the unit test above).
+    ph = _scoliotic_apex_phantom(129)
     res = segment_builtin(ph.image)
     # (the T12/L1 disc is wedged 34 deg, its plane is placed level: T12 0.865 / 0.845)
     _assert_named_and_dice(ph, res, 0.83, 0.8)     # measured 0.865-0.979 / 0.845-0.966
@@ -535,9 +541,7 @@ def test_osteoporotic_vertebra_at_a_scoliotic_apex_keeps_its_disc():
     # wedged 34 deg against T12, so the disc is no minimum (0.96 of the bodies beside it; 0.84
     # while the aorta's removal took part of T12, found as a weak disc then). T12 and L1 merge and
     # the names below T12 are lost.
-    ph = _phantom(first_level="T11", last_level="L2", spacing_mm=(0.8, 0.8, 1.25), noise_hu=15.4,
-                  scoliosis_mm=-18.3, lordosis_deg=48.3, kyphosis_deg=12.9, contrast_phase="arterial",
-                  effective_kev=79.3, seed=202, densities_mg_cm3={"T11": 92, "T12": 170, "L1": 47, "L2": 129})
+    ph = _scoliotic_apex_phantom(47)
     res = segment_builtin(ph.image)
     _assert_named_and_dice(ph, res, 0.83, 0.8)
 
