@@ -100,6 +100,8 @@ ENDPLATE_CONTRAST_HU = 40.0  # a disc band is this much darker than the endplate
 END_DISC_MARGIN_HU = 10.0    # ... and a disc cut by the view's end this much darker than the marrow
 DEFAULT_PITCH_MM = 30.0  # vertebra + disc height when too few discs are seen to measure it
 TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # sagittal tilts of the disc-finding slabs
+CORONAL_TILTS_DEG = tuple(float(d) for d in range(-30, 31, 5))  # sideways tilts tried on each disc found
+CORONAL_GAIN = 0.85      # ... taken when its slab holds under this share of the untilted slab's bone
 VESSEL_HU = (160.0, 520.0)  # contrast-filled aorta (arterial phase up to ~350-450 HU)
 VESSEL_BAND_HU = 120.0   # ... also searched in narrower bands this wide (a 3 mm lumen apart from blurred marrow)
 VESSEL_BAND_STEP_HU = 40.0
@@ -154,6 +156,7 @@ RIB_STUB_END_MM = 35.0   # ... and lie this far out where the scan's caudal end 
 RIB_STUB_RISE_MM = 8.0   # ... rising at least this much from there to the rib head
 RIB_GAP_MM = 12.0        # a rib's bone may resume this far outside the column box (the joints and
 #                          the thin rib neck fall below the bone threshold, more so on noisy scans)
+RIB_PAIR_LEVELS = 0.75   # a left and a right rib root this close along the column (vertebra units) are a pair
 
 
 @dataclass
@@ -698,10 +701,16 @@ def _disc_planes(column, anterior, hu_s, dx, canal_cx, sp):
         # (a disc seen only as a dark band between endplates: the tilt that shows it best)
         deg = TILTS_DEG[int(valley_tilt[d - b0]) if d in endplate_only else int(np.argmin(profiles[:, d]))]
         n_d = tilted(t_z[zi], deg)
-        planes.append((flat_plane[0], n_d / np.linalg.norm(n_d)))
-        # Behind the body the untilted normal: a tilted disc plane (L5/S1) extended backwards
-        # would rise through the arch of the vertebra above.
-        arch_planes.append(flat_plane)
+        n_d = n_d / np.linalg.norm(n_d)
+        # (and leaning sideways as the disc does: 15 mm scoliotic T4-T8 at 0.8x0.8x2 mm, T4 / T5
+        # whole 0.900 / 0.903 -> 0.926 / 0.926)
+        phi = _coronal_tilt(flat_plane[0], n_d, zb, yb, xb, w_body, sp)
+        n_d = _rotate_coronal(n_d, phi)
+        planes.append((flat_plane[0], n_d))
+        # Behind the body the sagittally untilted normal: a tilted disc plane (L5/S1) extended
+        # backwards would rise through the arch of the vertebra above. The sideways lean holds
+        # for the arch too (the same T4 / T5: 0.903 / 0.901 without it).
+        arch_planes.append((flat_plane[0], _rotate_coronal(flat_plane[1], phi)))
         # Every disc's content is taken out, not only that of discs seen between endplates: a
         # thin disc in the kyphotic thorax is cut obliquely by the axial slices, its rim looks like
         # a cortical ring and gets filled as bone (T4-T10 phantom: the discs held 10-25% of the
@@ -722,6 +731,30 @@ def _disc_planes(column, anterior, hu_s, dx, canal_cx, sp):
             edge, endplate_hu = band
             _carve_end_disc(column, anterior, hu_s, level_plane(edge)[1], endplate_hu, caudal, sp)
     return planes, arch_planes
+
+
+def _rotate_coronal(normal: np.ndarray, deg: float) -> np.ndarray:
+    """A zyx unit vector rotated by `deg` in the coronal (z-x) plane."""
+    c, si = np.cos(np.radians(deg)), np.sin(np.radians(deg))
+    out = np.array([normal[0] * c - normal[2] * si, normal[1], normal[0] * si + normal[2] * c])
+    return out / np.linalg.norm(out)
+
+
+def _coronal_tilt(point, normal, zb, yb, xb, w_body, sp) -> float:
+    """The coronal tilt (deg) of a disc plane through `point`: of the normal rotated over
+    CORONAL_TILTS_DEG, the one whose thin slab (one voxel, shifted up to a voxel along it) holds
+    the least body weight `w_body` of the body-core voxels (zb, yb, xb), when that is under
+    CORONAL_GAIN of the untilted slab's; else 0. The profile slabs tilt only sagittally and
+    follow the centreline's lateral slope, so a scoliotic level's own lean is missed."""
+    rel = np.stack([zb - point[0], yb - point[1], xb - point[2]], axis=1).astype(np.float32)
+    near = np.abs(rel @ normal.astype(np.float32)) * sp < 40.0   # (the bodies next to the disc)
+    rel, w = rel[near], w_body[near]
+    scores = []
+    for deg in CORONAL_TILTS_DEG:
+        dist = rel @ _rotate_coronal(normal, deg).astype(np.float32) * sp
+        scores.append(min(float(w[np.abs(dist - off) < 0.5 * sp].sum()) for off in (-sp, 0.0, sp)))
+    best = int(np.argmin(scores))
+    return float(CORONAL_TILTS_DEG[best]) if scores[best] < CORONAL_GAIN * scores[CORONAL_TILTS_DEG.index(0.0)] else 0.0
 
 
 def _end_disc_band(low: np.ndarray, disc_bins, caudal: bool, sp: float):
@@ -1764,35 +1797,76 @@ def _body_frames(segs, bodies) -> dict[int, tuple[np.ndarray, np.ndarray, float]
     return {k: (c, u, 0.5 * float(np.sqrt(max(12.0 * (u @ covs[k] @ u), 0.0)))) for k, (c, u) in frames.items()}
 
 
+def _rib_rooms(frames):
+    """The room of each vertebra with a body: labels caudal -> cranial and the disc planes
+    between them [(point, unit normal)], zyx working voxels. A disc's plane lies half-way between
+    the two bodies' facing ends and is tilted as the mean of their axes."""
+    order = sorted(frames, key=lambda k: frames[k][0][0])      # caudal -> cranial
+    planes = []
+    for a, b in zip(order[:-1], order[1:]):
+        (ca, ua, ha), (cb, ub, hb) = frames[a], frames[b]
+        planes.append((0.5 * ((ca + ha * ua) + (cb - hb * ub)), (ua + ub) / np.linalg.norm(ua + ub)))
+    return order, planes
+
+
+def _level_coordinate(frames, p) -> float:
+    """Where point p lies along the column in vertebra units: k + 0.5 at the middle of the k-th
+    room from the caudal end (between its disc planes; an end vertebra's outer side is its body's
+    end), k at the disc plane below it."""
+    order, planes = _rib_rooms(frames)
+    p = np.asarray(p, float)
+    signed = [float((p - pnt) @ nrm) for pnt, nrm in planes]
+    level = sum(d > 0 for d in signed)
+    c, u, h = frames[order[level]]
+    along = float((p - c) @ u)
+    below = signed[level - 1] if level > 0 else along + h     # above the room's lower side
+    above = -signed[level] if level < len(planes) else h - along
+    return level + float(np.clip(below / max(below + above, 1e-6), 0.0, 1.0))
+
+
 def _rib_level(segs, frames, root_zyx, sp):
     """The vertebra a rib belongs to, from its medial end (ribs slope down, so the label of the
     bone they touch is less reliable), or None when that lies over 25 mm from the vertebra's
     mid-plane (through its centroid, across its superior axis). Each vertebra holds the room
-    between the planes of the discs above and below it; a disc's plane lies half-way between the
-    two bodies' facing ends and is tilted as the mean of their axes. The tilt counts: a root
+    between the planes of the discs above and below it (_rib_rooms). The tilt counts: a root
     50 mm lateral sits 7 mm higher or lower on an 8 degree scoliotic tilt. (Each body's own
     mid-plane does not do: at a scoliotic apex two neighbours lean opposite ways, their
     mid-planes cross beside the column, and a root there is as near to both.)"""
     p = np.asarray(root_zyx, float)
-    order = sorted(frames, key=lambda k: frames[k][0][0])      # caudal -> cranial
-    level = 0
-    for a, b in zip(order[:-1], order[1:]):
-        (ca, ua, ha), (cb, ub, hb) = frames[a], frames[b]
-        point = 0.5 * ((ca + ha * ua) + (cb - hb * ub))
-        normal = (ua + ub) / np.linalg.norm(ua + ub)
-        level += int((p - point) @ normal > 0)
-    label = order[level]
+    order, planes = _rib_rooms(frames)
+    label = order[sum(int((p - pnt) @ nrm > 0) for pnt, nrm in planes)]
     c, u, _ = frames[label]
     if abs(float((p - c) @ u)) * sp > 25.0:
         return None
     return next((sg for sg in segs if sg.label == label), None)
 
 
+def _paired_roots(roots, sides, frames):
+    """Where each rib is judged: the middle of its pair where the rib opposite lies within
+    RIB_PAIR_LEVELS of it along the column (_level_coordinate) and each is the other's nearest
+    there, else its own root. A pair's middle lies near the column's axis, where an error in the
+    vertebrae's sideways lean does not move it between rooms; a root 55 mm lateral does (tight
+    scoliotic T12-L3: T12's two roots lay 0.9 of a half-height apart along its estimated axis,
+    and the left one went to L1)."""
+    coord = np.array([_level_coordinate(frames, r) for r in roots])
+    out = [np.asarray(r, float) for r in roots]
+    for i in range(len(roots)):
+        opp = [j for j in range(len(roots)) if sides[j] != sides[i]]
+        if not opp:
+            continue
+        j = min(opp, key=lambda k: abs(coord[k] - coord[i]))
+        back = min((k for k in range(len(roots)) if sides[k] == sides[i]), key=lambda k: abs(coord[k] - coord[j]))
+        if back == i and abs(coord[j] - coord[i]) < RIB_PAIR_LEVELS:
+            out[i] = 0.5 * (np.asarray(roots[i], float) + np.asarray(roots[j], float))
+    return out
+
+
 def _find_ribs(segs, vert, frames, bone, box, dx, sp):
     """Count ribs per vertebra: elongated bone pieces outside the column box whose medial end
     meets the box's lateral wall next to the column. A rib is given to the vertebra whose room
-    between its disc planes holds that medial end (_rib_level; ribs slope down, so labels of
-    the bone they touch are less reliable than the body level)."""
+    between its disc planes holds that medial end, or its pair's middle (_paired_roots,
+    _rib_level; ribs slope down, so labels of the bone they touch are less reliable than the
+    body level)."""
     outside = bone & ~box
     ribs = np.zeros(vert.shape, bool)
     lab, n = ndi.label(outside)
@@ -1805,6 +1879,7 @@ def _find_ribs(segs, vert, frames, bone, box, dx, sp):
     # Rib roots: just outside the lateral walls of the box, beside labelled column bone.
     wall = np.broadcast_to((np.abs(dx) >= ROI_LATERAL_MM) & (np.abs(dx) < ROI_LATERAL_MM + RIB_GAP_MM), vert.shape)
     near_col = ndi.binary_dilation(vert > 0, iterations=max(1, int(round(RIB_GAP_MM / sp))), mask=wall | (vert > 0))
+    found = []   # (component index, root zyx, side)
     for i, o in enumerate(objs):
         v = sizes[i + 1]
         if o is None or v < 300.0 or v > RIB_MAX_MM3:
@@ -1816,10 +1891,17 @@ def _find_ribs(segs, vert, frames, bone, box, dx, sp):
         if touch.sum() < 2:
             continue
         root = np.array([c.mean() + sl.start for c, sl in zip(np.nonzero(touch), o)])
-        sg = _rib_level(segs, frames, root, sp)
+        side = np.sign(np.broadcast_to(dx, vert.shape)[tuple(np.round(root).astype(int))])
+        found.append((i, root, side))
+    if not found:
+        return ribs
+    judged = _paired_roots([r for _, r, _ in found], [sd for _, _, sd in found], frames)
+    for (i, _, _), point in zip(found, judged):
+        sg = _rib_level(segs, frames, point, sp)
         if sg is None:
             continue
         sg.ribs += 1
+        o = objs[i]
         ribs[o] |= lab[o] == i + 1
     return ribs
 
