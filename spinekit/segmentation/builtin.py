@@ -97,6 +97,7 @@ ALA_FRACTION = 0.15      # share of a segment's bone lateral-anterior (sacral al
 ENDPLATE_PERCENTILE = 25.0  # low percentile of body HU per slab: the disc content, not the bright rim
 ENDPLATE_REACH_MM = 6.0  # endplates lie this close above and below a disc's centre (thin thoracic discs)
 ENDPLATE_CONTRAST_HU = 40.0  # a disc band is this much darker than the endplates on both sides
+ENDPLATE_BODY_SHARE = 0.4    # ... with the body profile this high (share of its 75th centile) within 20 mm on both
 END_DISC_MARGIN_HU = 10.0    # ... and a disc cut by the view's end this much darker than the marrow
 DEFAULT_PITCH_MM = 30.0  # vertebra + disc height when too few discs are seen to measure it
 TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # sagittal tilts of the disc-finding slabs
@@ -555,7 +556,10 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
     if valley is not None:
         cand, _ = find_peaks(np.where(np.isfinite(valley), valley, -1e9), height=ENDPLATE_CONTRAST_HU,
                              distance=max(1, int(round(6.0 / bw))))
-        endplate = [int(p) for p in cand if 2 <= p <= nb - 3]
+        # (two endplates need two bodies: a body's end against the processes rising above the
+        # view's top vertebra is no disc; random arterial T4-T7: T4 split in two, whole 0.69)
+        endplate = [int(p) for p in cand if 2 <= p <= nb - 3
+                    and min(prof[max(0, p - reach):p].max(), prof[p + 1:p + 1 + reach].max()) >= ENDPLATE_BODY_SHARE * ref]
     endplate_only: list[int] = []
     if not chosen:
         for p in sorted(endplate, key=lambda p: -valley[p]):
