@@ -91,7 +91,8 @@ MAX_SLICE_MM = 3.0       # thicker slices: level names flagged uncertain (0.8 mm
 #                          split and named right, Dice >= 0.887; thin thoracic discs at 4-5 mm are missed, 6 mm fails)
 MIN_VERTEBRA_MM = 12.0   # shortest vertebra + disc pitch kept (crush fractures included)
 DISC_DEPTH = 0.45        # a disc slab holds under half the bone of the bodies next to it
-CLOSE_DISC_FRACTION = 0.6  # endplate-only bands closer than this share of the median disc spacing: the weaker goes
+CLOSE_DISC_FRACTION = 0.6  # endplate-only bands closer than this share of the disc spacing: the weaker goes
+CLOSE_DISC_PERCENTILE = 75.0  # ... the spacing's centile over the gaps (a false band makes two short gaps)
 WEAK_DISC_DEPTH = 0.85   # a tilted / narrow disc, accepted where the disc spacing expects one
 ALA_FRACTION = 0.15      # share of a segment's bone lateral-anterior (sacral alae)
 ENDPLATE_PERCENTILE = 25.0  # low percentile of body HU per slab: the disc content, not the bright rim
@@ -568,11 +569,13 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
                 endplate_only.append(p)
         chosen.sort()
         # Bands much closer together than the column's spacing: the weaker is no disc (5 mm
-        # slices: an endplate cut by the view's end, 15 mm above the T11/T12 disc).
+        # slices: an endplate cut by the view's end, 15 mm above the T11/T12 disc). A band
+        # mid-body cuts one gap into two short ones, so the spacing is the gaps' upper centile
+        # (random T4-T8 at 3 mm: a faint band in an osteoporotic T6, two of four gaps half a pitch).
         while len(chosen) >= 3:
             gaps = np.diff(chosen)
             k = int(np.argmin(gaps))
-            if gaps[k] >= CLOSE_DISC_FRACTION * np.median(gaps):
+            if gaps[k] >= CLOSE_DISC_FRACTION * np.percentile(gaps, CLOSE_DISC_PERCENTILE):
                 break
             weaker = min(chosen[k], chosen[k + 1], key=lambda p: valley[p])
             chosen.remove(weaker)
