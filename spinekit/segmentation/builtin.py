@@ -582,37 +582,48 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
             endplate_only.remove(weaker)
 
     def pitch_near(a, b):
-        """Typical disc spacing near the interval (a, b), from the other intervals."""
+        """Typical disc spacing near the interval (a, b), from the other intervals, and how far
+        from it a disc may lie: 0.3 of it from two intervals, 0.5 from one (one vertebra may be
+        a crushed one: random T5-T8, T7 crushed to 13 bins, the T6/T5 band 18 bins above the
+        T7/T6 disc was missed and T5 and T6 merged)."""
         gaps = np.diff(chosen).astype(float)
         mids = (np.array(chosen[:-1]) + np.array(chosen[1:])) / 2.0
         other = [(abs(m - (a + b) / 2), g) for m, g, lo_, hi_ in zip(mids, gaps, chosen[:-1], chosen[1:])
                  if not (lo_ == a and hi_ == b)]
         if not other:
-            return DEFAULT_PITCH_MM / bw
+            return DEFAULT_PITCH_MM / bw, 0.3
         other.sort()
-        return float(np.median([g for _, g in other[:2]]))
+        return float(np.median([g for _, g in other[:2]])), (0.3 if len(other) >= 2 else 0.5)
 
     weak = [p for p, r in ratio.items() if r < WEAK_DISC_DEPTH and p not in chosen]
     # A dark band between endplates is a candidate there too: on thick slices a disc is never
     # sampled alone and its density dip can stay shallow (4 mm slices: T12/L1 12 % deep).
+    banded = set(endplate)
     for p in endplate:
         if p not in chosen and p not in weak:
             rate(p)
-            if p in ratio:
+            if p not in ratio:
+                # On a shallow density floor the next bin may be a hair darker, and the band
+                # counted as no dip at all (random T6-T11 at 3 mm: the T6/T7 disc was lost and
+                # the two merged): the candidate is then the floor's darkest bin beside it.
+                p = p - 1 + int(np.argmin(prof[p - 1:p + 2]))
+                rate(p)
+                banded.add(p)
+            if p in ratio and p not in chosen and p not in weak:
                 weak.append(p)
 
     def rank(p):
         """Of several weak candidates, a dark band between two endplates first: the mid-body dip
         of an osteoporotic body can be as deep as its discs, but has no endplate within reach
         (random T9-L2 phantom, T10 at 53 mg/cm3: its dip was taken for both discs)."""
-        return (not (valley is not None and valley[p] >= ENDPLATE_CONTRAST_HU), ratio[p])
+        return (p not in banded, ratio[p])
 
     changed = True
     while changed and weak:
         changed = False
         ends = [0] + chosen + [nb - 1]
         for a, b in zip(ends[:-1], ends[1:]):
-            pitch = pitch_near(a, b)
+            pitch, tolerance = pitch_near(a, b)
             if (b - a) < 1.5 * pitch:
                 continue
             # Expected disc one pitch away from a sure disc (or the profile end).
@@ -622,7 +633,7 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
                 if not (a < p < b) or min(p - a, b - p) * bw < MIN_VERTEBRA_MM:
                     continue
                 dist = min((abs(p - t) for t in targets), default=0.0)
-                if dist <= 0.3 * pitch and (best is None or rank(p) < rank(best)):
+                if dist <= tolerance * pitch and (best is None or rank(p) < rank(best)):
                     best = p
             if best is not None:
                 chosen.append(best)
