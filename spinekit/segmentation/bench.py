@@ -207,6 +207,23 @@ def phantom_cases(quick: bool = False) -> list[dict]:
              fractures={"T12": ("crush", 2)}, basivertebral_vein=True),
         # The common clinical geometry: 3 mm slices of sub-millimetre pixels, portal-venous.
         dict(first_level="T12", last_level="L4", spacing_mm=(0.8, 0.8, 3.0), contrast_phase="portal-venous"),
+        # Seeds 20261205 / 61 / 73 (no anchor in view; min Dice 0.58-0.69 before their fixes): the
+        # view's top body against its processes taken for a disc ...
+        dict(first_level="T4", last_level="T7", spacing_mm=(1.5, 1.5, 1.25), noise_hu=19.8, scoliosis_mm=5.6,
+             lordosis_deg=27.4, kyphosis_deg=36.0, contrast_phase="arterial", effective_kev=62.2, seed=478,
+             densities_mg_cm3={"T4": 127.0, "T5": 172.0, "T6": 49.0, "T7": 154.0}),
+        # ... a faint band mid-body in an osteoporotic T6 at 3 mm ...
+        dict(first_level="T4", last_level="T8", spacing_mm=(0.8, 0.8, 3.0), noise_hu=12.3, scoliosis_mm=-1.6,
+             lordosis_deg=18.4, kyphosis_deg=13.3, contrast_phase="arterial", effective_kev=71.8, seed=395,
+             densities_mg_cm3={"T4": 249.0, "T5": 196.0, "T6": 66.0, "T7": 204.0, "T8": 146.0}),
+        # ... and discs missed next to crushed thoracic vertebrae.
+        dict(first_level="T6", last_level="T11", spacing_mm=(0.8, 0.8, 3.0), noise_hu=11.6, scoliosis_mm=-9.5,
+             lordosis_deg=15.1, kyphosis_deg=39.5, effective_kev=75.0, basivertebral_vein=True, seed=677,
+             fractures={"T8": ("crush", 1)},
+             densities_mg_cm3={"T6": 97.0, "T7": 221.0, "T8": 148.0, "T9": 71.0, "T10": 207.0, "T11": 229.0}),
+        dict(first_level="T5", last_level="T8", spacing_mm=(0.9, 0.9, 1.25), noise_hu=28.9, scoliosis_mm=-4.4,
+             lordosis_deg=16.6, kyphosis_deg=20.7, contrast_phase="arterial", effective_kev=71.4, seed=919,
+             fractures={"T7": ("crush", 3)}),
     ]
     return cases
 
