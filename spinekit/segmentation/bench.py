@@ -224,6 +224,9 @@ def phantom_cases(quick: bool = False) -> list[dict]:
         dict(first_level="T5", last_level="T8", spacing_mm=(0.9, 0.9, 1.25), noise_hu=28.9, scoliosis_mm=-4.4,
              lordosis_deg=16.6, kyphosis_deg=20.7, contrast_phase="arterial", effective_kev=71.4, seed=919,
              fractures={"T7": ("crush", 3)}),
+        # Seed 89: two false bands in a noisy (27 HU) T4-T7 view at 2.5 mm set the disc spacing.
+        dict(first_level="T4", last_level="T7", spacing_mm=(1.5, 1.5, 2.5), noise_hu=27.2, scoliosis_mm=4.9,
+             lordosis_deg=26.6, kyphosis_deg=21.5, effective_kev=63.8, seed=749),
     ]
     return cases
 

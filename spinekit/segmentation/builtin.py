@@ -93,6 +93,7 @@ MIN_VERTEBRA_MM = 12.0   # shortest vertebra + disc pitch kept (crush fractures 
 DISC_DEPTH = 0.45        # a disc slab holds under half the bone of the bodies next to it
 CLOSE_DISC_FRACTION = 0.6  # endplate-only bands closer than this share of the disc spacing: the weaker goes
 CLOSE_DISC_PERCENTILE = 75.0  # ... the spacing's centile over the gaps (a false band makes two short gaps)
+CLOSE_DISC_MERGED = 1.25   # ... and only where its two gaps merged are at most this share of the spacing
 WEAK_DISC_DEPTH = 0.85   # a tilted / narrow disc, accepted where the disc spacing expects one
 ALA_FRACTION = 0.15      # share of a segment's bone lateral-anterior (sacral alae)
 ENDPLATE_PERCENTILE = 25.0  # low percentile of body HU per slab: the disc content, not the bright rim
@@ -571,13 +572,20 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
         # Bands much closer together than the column's spacing: the weaker is no disc (5 mm
         # slices: an endplate cut by the view's end, 15 mm above the T11/T12 disc). A band
         # mid-body cuts one gap into two short ones, so the spacing is the gaps' upper centile
-        # (random T4-T8 at 3 mm: a faint band in an osteoporotic T6, two of four gaps half a pitch).
+        # (random T4-T8 at 3 mm: a faint band in an osteoporotic T6, two of four gaps half a pitch)
+        # without the band judged (two false bands made three of four gaps short in a noisy T4-T7
+        # view); and the two gaps it cuts, merged, must make a gap of that spacing (a crushed
+        # vertebra's short gap merged with its neighbour's makes a gap much longer).
         while len(chosen) >= 3:
             gaps = np.diff(chosen)
             k = int(np.argmin(gaps))
-            if gaps[k] >= CLOSE_DISC_FRACTION * np.percentile(gaps, CLOSE_DISC_PERCENTILE):
-                break
             weaker = min(chosen[k], chosen[k + 1], key=lambda p: valley[p])
+            rest = [p for p in chosen if p != weaker]
+            spacing = np.percentile(np.diff(rest) if len(rest) >= 3 else gaps, CLOSE_DISC_PERCENTILE)
+            i = chosen.index(weaker)
+            merged = chosen[i + 1] - chosen[i - 1] if 0 < i < len(chosen) - 1 else 0
+            if gaps[k] >= CLOSE_DISC_FRACTION * spacing or merged > CLOSE_DISC_MERGED * spacing:
+                break
             chosen.remove(weaker)
             endplate_only.remove(weaker)
 
