@@ -624,7 +624,8 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
         """Of several weak candidates, a dark band between two endplates first: the mid-body dip
         of an osteoporotic body can be as deep as its discs, but has no endplate within reach
         (random T9-L2 phantom, T10 at 53 mg/cm3: its dip was taken for both discs)."""
-        return (p not in banded, ratio[p])
+        banded_p = p in banded or (valley is not None and valley[p] >= ENDPLATE_CONTRAST_HU)
+        return (not banded_p, ratio[p])
 
     changed = True
     while changed and weak:
