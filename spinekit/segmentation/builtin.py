@@ -606,7 +606,7 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
     weak = [p for p, r in ratio.items() if r < WEAK_DISC_DEPTH and p not in chosen]
     # A dark band between endplates is a candidate there too: on thick slices a disc is never
     # sampled alone and its density dip can stay shallow (4 mm slices: T12/L1 12 % deep).
-    banded = set(endplate)
+    floor_bins: set[int] = set()   # candidates standing in for a band beside them (below)
     for p in endplate:
         if p not in chosen and p not in weak:
             rate(p)
@@ -616,7 +616,7 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
                 # the two merged): the candidate is then the floor's darkest bin beside it.
                 p = p - 1 + int(np.argmin(prof[p - 1:p + 2]))
                 rate(p)
-                banded.add(p)
+                floor_bins.add(p)
             if p in ratio and p not in chosen and p not in weak:
                 weak.append(p)
 
@@ -624,8 +624,8 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
         """Of several weak candidates, a dark band between two endplates first: the mid-body dip
         of an osteoporotic body can be as deep as its discs, but has no endplate within reach
         (random T9-L2 phantom, T10 at 53 mg/cm3: its dip was taken for both discs)."""
-        banded_p = p in banded or (valley is not None and valley[p] >= ENDPLATE_CONTRAST_HU)
-        return (not banded_p, ratio[p])
+        banded = p in floor_bins or (valley is not None and valley[p] >= ENDPLATE_CONTRAST_HU)
+        return (not banded, ratio[p])
 
     changed = True
     while changed and weak:
