@@ -1117,6 +1117,42 @@ def test_band_on_a_shallow_density_floor_is_still_a_candidate():
     assert discs == [20, 40, 60, 81]
 
 
+def test_band_on_a_falling_density_floor_is_rated_at_its_bottom():
+    from spinekit.segmentation.builtin import _find_discs
+
+    # Measured profile (share of its maximum, 1.5 mm bins) of a random portal-venous T8-L2 view
+    # at 0.9x0.9x3 mm, kyphosis 34 deg, and its endplate valleys (HU). The discs at 23-104 hold
+    # a minimum; the T8/T9 disc, 20 bins above the last, shows as a strong band at 122 (274 HU)
+    # on a floor that keeps falling for two bins (66.5, 66.3, 64.7). The band's darker
+    # neighbour, 123, was not a minimum either, so no candidate was left; T8 and T9 merged (whole
+    # Dice 0.0 for T8, the view named T9-L2). The candidate is the floor's bottom, 124.
+    prof = np.array([
+        6.7, 25.5, 36.7, 44.6, 54.9, 58, 62.7, 67.7, 74, 80.7, 86.3, 92.5, 100, 98.2, 96.5, 92.6, 85.7, 77, 69.5,
+        66.4, 66.5, 55.2, 37.7, 21.6, 31.2, 50.4, 63.7, 76.4, 79.9, 84.4, 88.7, 91.4, 93.2, 94.3, 95.3, 95.8, 94.6,
+        92.5, 90.2, 88.2, 88, 86.8, 86.6, 78.7, 74.2, 59.4, 61.5, 69.4, 70.9, 77.3, 76.7, 79.6, 82.6, 83.2, 82.9,
+        84.3, 87, 86.8, 84.1, 82.4, 78.7, 76.2, 73.1, 74.2, 72.5, 60.9, 60.8, 70.8, 71.5, 76.5, 71.2, 72.5, 76.9,
+        78.4, 76, 75.5, 80.2, 82.8, 80.5, 79.3, 75.1, 71.7, 70.5, 69.2, 65, 56, 61.2, 64.9, 67.2, 70.7, 69.7, 71.3,
+        72.5, 73, 72.8, 72.6, 73.7, 75.6, 74.5, 71.6, 69.2, 69.6, 68.5, 65.7, 55.6, 56.8, 60.2, 63.8, 67.5, 68.3,
+        69.6, 71.4, 72.3, 73.6, 74.9, 76.1, 75.1, 72.6, 69.8, 68.2, 67.4, 66.7, 66.5, 66.3, 64.7, 65.4, 68.5, 70.8,
+        71.7, 73.1, 73.9, 70.2, 62.1, 56.5, 53.4, 52.8, 53.3, 49.3, 41.6, 36.9, 27.3, 13.7, 7.1, 3])
+    valley = np.full(prof.size, -np.inf)
+    valley[[22, 24, 45, 46, 64, 65, 66, 67, 68, 85, 86, 104, 105, 121, 122, 123, 138]] = [
+        223, 248, 332, 147, 24, 156, 302, 29, 105, 299, 173, 298, 185, 67, 274, 179, 99]
+    discs, _ = _find_discs(prof, 1.5, valley)
+    assert discs == [23, 45, 66, 85, 104, 124]
+
+
+def test_thick_slice_thoracolumbar_view_keeps_its_top_disc():
+    # The view of the test above (random seed 101), end to end: anchored by T12's ribs.
+    ph = _phantom(first_level="T8", last_level="L2", spacing_mm=(0.9, 0.9, 3.0), noise_hu=11.7,
+                  scoliosis_mm=-5.3, lordosis_deg=25.8, kyphosis_deg=34.3, contrast_phase="portal-venous",
+                  effective_kev=56.9, seed=820)
+    res = segment_builtin(ph.image)
+    # measured whole 0.922-0.954 (T8 0.0 when merged), bodies 0.876-0.949 (thick-slice
+    # thoracic bodies, see README's limits)
+    _assert_named_and_dice(ph, res, whole_min=0.9, body_min=0.85)
+
+
 @pytest.mark.parametrize("kw", [
     # T6-T11 at 3 mm, T8 crushed: the T6/T7 band sat on a shallow density floor (see above).
     dict(first_level="T6", last_level="T11", spacing_mm=(0.8, 0.8, 3.0), noise_hu=11.6, scoliosis_mm=-9.5,

@@ -513,6 +513,18 @@ def _endplate_valleys(low: np.ndarray, sp: float):
     return score[best, np.arange(nb)], best
 
 
+def _downhill(prof: np.ndarray, p: int, max_steps: int) -> int:
+    """The bin reached from `p` stepping to the darker neighbour while there is one (at most
+    `max_steps` bins): the bottom of the dip that `p` lies on."""
+    for _ in range(max_steps):
+        lo = max(p - 1, 0)
+        q = lo + int(np.argmin(prof[lo:p + 2]))
+        if prof[q] >= prof[p]:
+            break
+        p = q
+    return p
+
+
 def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None):
     """Disc positions (profile bins) = minima of the body-bone profile along the centreline, and
     the subset seen only as a dark band between endplates (`valley`, see _endplate_valleys)."""
@@ -613,8 +625,10 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
             if p not in ratio:
                 # On a shallow density floor the next bin may be a hair darker, and the band
                 # counted as no dip at all (random T6-T11 at 3 mm: the T6/T7 disc was lost and
-                # the two merged): the candidate is then the floor's darkest bin beside it.
-                p = p - 1 + int(np.argmin(prof[p - 1:p + 2]))
+                # the two merged): the candidate is then the floor's bottom beside it, downhill
+                # from the band (random T8-L2 at 3 mm: the floor fell for two bins past the T8/T9
+                # band, which was lost, and T8 and T9 merged).
+                p = _downhill(prof, p, max(2, int(round(ENDPLATE_REACH_MM / bw))))
                 rate(p)
                 floor_bins.add(p)
             if p in ratio and p not in chosen and p not in weak:
