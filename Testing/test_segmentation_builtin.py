@@ -1142,6 +1142,20 @@ def test_band_on_a_falling_density_floor_is_rated_at_its_bottom():
     assert discs == [23, 45, 66, 85, 104, 124]
 
 
+def test_band_whose_floor_falls_to_the_profile_end_is_no_disc():
+    from spinekit.segmentation.builtin import _find_discs
+
+    # A band near the profile's end on a floor that keeps falling to the end: the walk downhill
+    # reaches the last bin, which has no profile beyond it (it raised an error there) and is no
+    # disc.
+    prof = np.full(60, 50.0)
+    prof[[10, 30]] = 5.0
+    prof[50:] = np.arange(49.0, 39.0, -1.0)
+    valley = np.full(prof.size, -np.inf)
+    valley[57] = 100.0
+    assert _find_discs(prof, 1.5, valley) == ([10, 30], [])
+
+
 def test_thick_slice_thoracolumbar_view_keeps_its_top_disc():
     # The view of the test above (random seed 101), end to end: anchored by T12's ribs.
     ph = _phantom(first_level="T8", last_level="L2", spacing_mm=(0.9, 0.9, 3.0), noise_hu=11.7,

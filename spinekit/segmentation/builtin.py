@@ -546,7 +546,7 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
         def reach_max(side):
             """Max of `side` (ordered outwards from p) up to its first bin deeper than p."""
             deeper = np.nonzero(side < prof[p])[0]
-            return side[:deeper[0]].max(initial=0.0) if deeper.size else side.max()
+            return side[:deeper[0]].max(initial=0.0) if deeper.size else side.max(initial=0.0)
 
         left = reach_max(prof[max(0, p - reach):p][::-1])
         right = reach_max(prof[p + 1:p + 1 + reach])
