@@ -101,6 +101,7 @@ ENDPLATE_REACH_MM = 6.0  # endplates lie this close above and below a disc's cen
 ENDPLATE_CONTRAST_HU = 40.0  # a disc band is this much darker than the endplates on both sides
 ENDPLATE_BODY_SHARE = 0.4    # ... with the body profile this high (share of its 75th centile) within 20 mm on both
 END_DISC_MARGIN_HU = 10.0    # ... and a disc cut by the view's end this much darker than the marrow
+OFF_DIP_WEIGHT = 0.5  # bands where the body profile does not dip rank at this share of their contrast
 DEFAULT_PITCH_MM = 30.0  # vertebra + disc height when too few discs are seen to measure it
 TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # sagittal tilts of the disc-finding slabs
 CORONAL_TILTS_DEG = tuple(float(d) for d in range(-30, 31, 5))  # sideways tilts tried on each disc found
@@ -576,7 +577,15 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
                     and min(prof[max(0, p - reach):p].max(), prof[p + 1:p + 1 + reach].max()) >= ENDPLATE_BODY_SHARE * ref]
     endplate_only: list[int] = []
     if not chosen:
-        for p in sorted(endplate, key=lambda p: -valley[p]):
+        def on_dip(p):
+            """The body profile dips at p: below the maxima within 20 mm on both sides."""
+            return prof[p] < min(prof[max(0, p - reach):p].max(), prof[p + 1:p + 1 + reach].max())
+
+        # Strongest bands first, a band where the density does not dip counting at
+        # OFF_DIP_WEIGHT of its contrast: of two too close to both be discs, one on the marrow's
+        # plateau goes after one in a dip unless much stronger (random T4-T7 at 3 mm: a band on
+        # T6's brightest stretch, 1 HU stronger, pushed out the T6/T5 disc 7 bins below it).
+        for p in sorted(endplate, key=lambda p: -valley[p] * (1.0 if on_dip(p) else OFF_DIP_WEIGHT)):
             if all(abs(p - q) * bw >= MIN_VERTEBRA_MM for q in chosen):
                 chosen.append(p)
                 endplate_only.append(p)
