@@ -227,6 +227,13 @@ def phantom_cases(quick: bool = False) -> list[dict]:
         # Seed 89: two false bands in a noisy (27 HU) T4-T7 view at 2.5 mm set the disc spacing.
         dict(first_level="T4", last_level="T7", spacing_mm=(1.5, 1.5, 2.5), noise_hu=27.2, scoliosis_mm=4.9,
              lordosis_deg=26.6, kyphosis_deg=21.5, effective_kev=63.8, seed=749),
+        # Seed 101: the T8/T9 band on a density floor falling past it (T8 and T9 merged, named T9-L2).
+        dict(first_level="T8", last_level="L2", spacing_mm=(0.9, 0.9, 3.0), noise_hu=11.7, scoliosis_mm=-5.3,
+             lordosis_deg=25.8, kyphosis_deg=34.3, contrast_phase="portal-venous", effective_kev=56.9, seed=820),
+        # Seed 137: a band on T6's brightest stretch taken before the T6/T5 disc (six vertebrae).
+        dict(first_level="T4", last_level="T7", spacing_mm=(0.8, 0.8, 3.0), noise_hu=16.8, scoliosis_mm=-11.2,
+             lordosis_deg=16.6, kyphosis_deg=29.4, effective_kev=67.7, seed=386,
+             densities_mg_cm3={"T4": 179.0, "T5": 174.0, "T6": 98.0, "T7": 224.0}),
     ]
     return cases
 
