@@ -627,10 +627,11 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
     weak = [p for p, r in ratio.items() if r < WEAK_DISC_DEPTH and p not in chosen]
     # A dark band between endplates is a candidate there too: on thick slices a disc is never
     # sampled alone and its density dip can stay shallow (4 mm slices: T12/L1 12 % deep).
-    floor_bins: set[int] = set()   # candidates standing in for a band beside them (below)
+    floor_bins: dict[int, float] = {}   # candidates standing in for a band beside them (below): its contrast
     for p in endplate:
         if p not in chosen and p not in weak:
             rate(p)
+            band_hu = float(valley[p])
             if p not in ratio:
                 # On a shallow density floor the next bin may be a hair darker, and the band
                 # counted as no dip at all (random T6-T11 at 3 mm: the T6/T7 disc was lost and
@@ -639,16 +640,20 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
                 # band, which was lost, and T8 and T9 merged).
                 p = _downhill(prof, p, max(2, int(round(ENDPLATE_REACH_MM / bw))))
                 rate(p)
-                floor_bins.add(p)
+                floor_bins[p] = max(band_hu, floor_bins.get(p, band_hu))
             if p in ratio and p not in chosen and p not in weak:
                 weak.append(p)
 
     def rank(p):
         """Of several weak candidates, a dark band between two endplates first: the mid-body dip
         of an osteoporotic body can be as deep as its discs, but has no endplate within reach
-        (random T9-L2 phantom, T10 at 53 mg/cm3: its dip was taken for both discs)."""
-        banded = p in floor_bins or (valley is not None and valley[p] >= ENDPLATE_CONTRAST_HU)
-        return (not banded, ratio[p])
+        (random T9-L2 phantom, T10 at 53 mg/cm3: its dip was taken for both discs). And a clear
+        band (twice ENDPLATE_CONTRAST_HU) before a faint one: marrow darker than the discs
+        shows faint bands and deep dips of its own (random T6-T11, T6 at 41 mg/cm3: a 55 HU band
+        in its marrow beat the 220 HU T6/T7 band on the dip's depth)."""
+        band_hu = max(floor_bins.get(p, -np.inf), -np.inf if valley is None else float(valley[p]))
+        banded = 0 if band_hu >= 2 * ENDPLATE_CONTRAST_HU else 1 if band_hu >= ENDPLATE_CONTRAST_HU else 2
+        return (banded, ratio[p])
 
     changed = True
     while changed and weak:
