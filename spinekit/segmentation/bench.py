@@ -234,6 +234,10 @@ def phantom_cases(quick: bool = False) -> list[dict]:
         dict(first_level="T4", last_level="T7", spacing_mm=(0.8, 0.8, 3.0), noise_hu=16.8, scoliosis_mm=-11.2,
              lordosis_deg=16.6, kyphosis_deg=29.4, effective_kev=67.7, seed=386,
              densities_mg_cm3={"T4": 179.0, "T5": 174.0, "T6": 98.0, "T7": 224.0}),
+        # Seed 157: a faint band in an osteoporotic (41 mg/cm3) top vertebra ranked over its disc.
+        dict(first_level="T6", last_level="T11", spacing_mm=(1.0, 1.0, 2.0), noise_hu=10.0, scoliosis_mm=6.8,
+             lordosis_deg=35.4, kyphosis_deg=44.7, effective_kev=66.2, seed=126, fractures={"T9": ("wedge", 2)},
+             densities_mg_cm3={"T6": 41.0, "T7": 108.0, "T8": 238.0, "T9": 91.0, "T10": 162.0, "T11": 90.0}),
     ]
     return cases
 
