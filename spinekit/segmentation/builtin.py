@@ -567,25 +567,25 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
     # as much bone-bright signal as the marrow around it, so the density profile shows no minimum.
     # Such bands are taken outright only where no density minimum is sure (a short slab); with
     # sure discs in view they are weak candidates, taken where the disc spacing expects a disc.
+    def flank_max(p):
+        """The lower of the profile's maxima within 20 mm on either side of bin p."""
+        return min(prof[max(0, p - reach):p].max(), prof[p + 1:p + 1 + reach].max())
+
     endplate: list[int] = []
     if valley is not None:
         cand, _ = find_peaks(np.where(np.isfinite(valley), valley, -1e9), height=ENDPLATE_CONTRAST_HU,
                              distance=max(1, int(round(6.0 / bw))))
         # (two endplates need two bodies: a body's end against the processes rising above the
         # view's top vertebra is no disc; random arterial T4-T7: T4 split in two, whole 0.69)
-        endplate = [int(p) for p in cand if 2 <= p <= nb - 3
-                    and min(prof[max(0, p - reach):p].max(), prof[p + 1:p + 1 + reach].max()) >= ENDPLATE_BODY_SHARE * ref]
+        endplate = [int(p) for p in cand if 2 <= p <= nb - 3 and flank_max(p) >= ENDPLATE_BODY_SHARE * ref]
     endplate_only: list[int] = []
     if not chosen:
-        def on_dip(p):
-            """The body profile dips at p: below the maxima within 20 mm on both sides."""
-            return prof[p] < min(prof[max(0, p - reach):p].max(), prof[p + 1:p + 1 + reach].max())
-
-        # Strongest bands first, a band where the density does not dip counting at
-        # OFF_DIP_WEIGHT of its contrast: of two too close to both be discs, one on the marrow's
-        # plateau goes after one in a dip unless much stronger (random T4-T7 at 3 mm: a band on
-        # T6's brightest stretch, 1 HU stronger, pushed out the T6/T5 disc 7 bins below it).
-        for p in sorted(endplate, key=lambda p: -valley[p] * (1.0 if on_dip(p) else OFF_DIP_WEIGHT)):
+        # Strongest bands first, a band where the density does not dip (the profile there not
+        # below flank_max) counting at OFF_DIP_WEIGHT of its contrast: of two too close to both be
+        # discs, one on the marrow's plateau goes after one in a dip unless much stronger (random
+        # T4-T7 at 3 mm: a band on T6's brightest stretch, 1 HU stronger, pushed out the T6/T5
+        # disc 7 bins below it).
+        for p in sorted(endplate, key=lambda p: -valley[p] * (1.0 if prof[p] < flank_max(p) else OFF_DIP_WEIGHT)):
             if all(abs(p - q) * bw >= MIN_VERTEBRA_MM for q in chosen):
                 chosen.append(p)
                 endplate_only.append(p)
