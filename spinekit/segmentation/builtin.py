@@ -101,6 +101,8 @@ ENDPLATE_REACH_MM = 6.0  # endplates lie this close above and below a disc's cen
 ENDPLATE_CONTRAST_HU = 40.0  # a disc band is this much darker than the endplates on both sides
 ENDPLATE_BODY_SHARE = 0.4    # ... with the body profile this high (share of its 75th centile) within 20 mm on both
 END_DISC_MARGIN_HU = 10.0    # ... and a disc cut by the view's end this much darker than the marrow
+END_BAND_SHARE = 0.5  # a band before the view's end with only fading profile beyond: no disc under this share
+#                        of the view's other bands' median contrast
 OFF_DIP_WEIGHT = 0.5  # bands where the body profile does not dip rank at this share of their contrast
 DEFAULT_PITCH_MM = 30.0  # vertebra + disc height when too few discs are seen to measure it
 TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # sagittal tilts of the disc-finding slabs
@@ -590,6 +592,20 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
                 chosen.append(p)
                 endplate_only.append(p)
         chosen.sort()
+        # A band with the view's end within 20 mm and the profile only falling from it to there
+        # may be a disc before a vertebra cut by the view (real 2 mm slab: the T11/T12 band, 70
+        # HU, the only one), or the top body fading out of the view: so where the view's other
+        # bands are far clearer, it is no disc (random arterial T7-L1 at 3 mm, noise 25 HU: a
+        # 54 HU band in T7's fading top, 0.68 of a pitch above the last disc, its discs 238-247
+        # HU, split T7 and made a "T6", whole Dice 0.755).
+        for p in list(chosen):
+            others = [valley[q] for q in chosen if q != p]
+            fading = [side for side, at_end in ((prof[max(0, p - reach):p], p - reach <= 0),
+                                                (prof[p + 1:p + 1 + reach], p + reach >= nb - 1)) if at_end]
+            if (fading and all(side.max() <= prof[p] for side in fading) and others
+                    and valley[p] < END_BAND_SHARE * np.median(others)):
+                chosen.remove(p)
+                endplate_only.remove(p)
         # Bands much closer together than the column's spacing: the weaker is no disc (5 mm
         # slices: an endplate cut by the view's end, 15 mm above the T11/T12 disc). A band
         # mid-body cuts one gap into two short ones, so the spacing is the gaps' upper centile
