@@ -576,6 +576,19 @@ def test_dim_cortex_next_to_the_arterial_aorta_stays_bone():
     _assert_named_and_dice(ph, res, 0.93, 0.92)     # measured 0.952-0.966 / 0.944-0.963
 
 
+def test_blurred_cortex_crescent_joined_to_the_aorta_stays_bone():
+    # Arterial phase at 2 mm pixels: the osteoporotic T10's (82 mg/cm3) thin cortex, blurred to
+    # the lumen's HU, joined the aorta's tube as a crescent in slices where the tube still looked
+    # clean, and the rim growth ran from it into the marrow (T10 / L1 bodies 0.828 / 0.906).
+    # The tube is opened in-plane first: the lumen is several voxels across, the crescent one.
+    ph = _phantom(first_level="T10", last_level="L1", spacing_mm=(2.0, 2.0, 1.25), noise_hu=11.4,
+                  scoliosis_mm=-4.2, lordosis_deg=15.9, kyphosis_deg=19.4, contrast_phase="arterial",
+                  effective_kev=70.7, fractures={"T12": ("crush", 3)}, seed=421,
+                  densities_mg_cm3={"T10": 82, "T11": 232, "T12": 104, "L1": 56})
+    res = segment_builtin(ph.image)
+    _assert_named_and_dice(ph, res, 0.9, 0.92)     # measured 0.917-0.951 / 0.946-0.968
+
+
 def _scoliotic_apex_phantom(l1_mg_cm3: float):
     # T11-L2, 18 mm scoliosis with its apex at T12/L1 (T12 leans +17 deg, L1 -17 deg; the disc
     # between them is wedged 34 deg).
