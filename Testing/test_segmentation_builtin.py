@@ -586,7 +586,7 @@ def test_blurred_cortex_crescent_joined_to_the_aorta_stays_bone():
                   effective_kev=70.7, fractures={"T12": ("crush", 3)}, seed=421,
                   densities_mg_cm3={"T10": 82, "T11": 232, "T12": 104, "L1": 56})
     res = segment_builtin(ph.image)
-    _assert_named_and_dice(ph, res, 0.9, 0.92)     # measured 0.917-0.951 / 0.946-0.968
+    _assert_named_and_dice(ph, res, 0.9, 0.92)     # measured 0.917-0.951 / 0.946-0.964
 
 
 def _scoliotic_apex_phantom(l1_mg_cm3: float):
