@@ -541,6 +541,10 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
     reach = max(2, int(round(20.0 / bw)))
     ratio = {}
 
+    def flanks(p):
+        """The profile within 20 mm below and above bin p, each ordered outwards from p."""
+        return prof[max(0, p - reach):p][::-1], prof[p + 1:p + 1 + reach]
+
     def rate(p):
         """ratio[p] = the profile at p over the lower of the maxima within 20 mm on either side,
         each taken only up to the nearest deeper minimum (left unset where those maxima are near
@@ -551,8 +555,7 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
             deeper = np.nonzero(side < prof[p])[0]
             return side[:deeper[0]].max(initial=0.0) if deeper.size else side.max(initial=0.0)
 
-        left = reach_max(prof[max(0, p - reach):p][::-1])
-        right = reach_max(prof[p + 1:p + 1 + reach])
+        left, right = (reach_max(side) for side in flanks(p))
         if min(left, right) > 0.15 * ref:
             ratio[int(p)] = prof[p] / min(left, right)
 
@@ -571,7 +574,7 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
     # sure discs in view they are weak candidates, taken where the disc spacing expects a disc.
     def flank_max(p):
         """The lower of the profile's maxima within 20 mm on either side of bin p."""
-        return min(prof[max(0, p - reach):p].max(), prof[p + 1:p + 1 + reach].max())
+        return min(side.max() for side in flanks(p))
 
     endplate: list[int] = []
     if valley is not None:
@@ -600,8 +603,7 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
         # HU, split T7 and made a "T6", whole Dice 0.755).
         for p in list(chosen):
             others = [valley[q] for q in chosen if q != p]
-            fading = [side for side, at_end in ((prof[max(0, p - reach):p], p - reach <= 0),
-                                                (prof[p + 1:p + 1 + reach], p + reach >= nb - 1)) if at_end]
+            fading = [side for side, at_end in zip(flanks(p), (p - reach <= 0, p + reach >= nb - 1)) if at_end]
             if (fading and all(side.max() <= prof[p] for side in fading) and others
                     and valley[p] < END_BAND_SHARE * np.median(others)):
                 chosen.remove(p)
