@@ -623,20 +623,45 @@ def test_rib_heads_taken_are_the_small_pieces_beside_a_body():
     assert not heads[:, :, :20].any()
 
 
-def test_rib_heads_taken_from_thoracic_bodies_do_not_grow_back():
-    # Arterial T4-T11 at 1x1x3 mm: the working grid gave the rib heads back, then the outline
+def test_rib_heads_and_lumen_rims_stay_out_of_thoracic_bodies():
+    # Arterial T4-T11 at 1x1x3 mm. The working grid gave the rib heads back, then the outline
     # redrawn on the native grid grew the bodies over them again (rib voxels in the bodies 575 ->
-    # 1178, 2.6 % of the bodies; body Dice 0.867-0.919). Now 545 (1.2 %), bodies 0.875-0.929.
+    # 1178, 2.6 % of the bodies); now 544 (1.2 %). The aorta's rim against the bodies (lumen HU,
+    # two native voxels where one working voxel straddled the cortex) stayed: 1,129 voxels, 2.5 %;
+    # now 168. Bodies 0.867-0.919 -> 0.891-0.940, whole 0.890-0.935 -> 0.901-0.943.
     ph = _phantom(first_level="T4", last_level="T11", spacing_mm=(1.0, 1.0, 3.0), noise_hu=7.8, seed=66,
                   contrast_phase="arterial", effective_kev=67.6, kyphosis_deg=31.1, lordosis_deg=38.0,
                   scoliosis_mm=-2.4, fractures={"T7": ("biconcave", 1)})
     res = segment_builtin(ph.image)
-    rib = ph.tissues.array == TISSUE_IDS["rib"]
     bodies = res.bodies.array > 0
-    assert (rib & bodies).sum() / bodies.sum() <= 0.015
+    for tissue, share in (("rib", 0.015), ("aorta", 0.01)):
+        assert (bodies & (ph.tissues.array == TISSUE_IDS[tissue])).sum() / bodies.sum() <= share, tissue
     body_dice = _best_match_dice(res.bodies.array, ph.bodies.array)
-    assert np.mean(list(body_dice.values())) >= 0.9, body_dice
-    assert min(_best_match_dice(res.vertebrae.array, ph.vertebrae.array).values()) >= 0.885
+    assert np.mean(list(body_dice.values())) >= 0.91, body_dice
+    assert min(_best_match_dice(res.vertebrae.array, ph.vertebrae.array).values()) >= 0.895
+
+
+def test_lumen_side_of_an_outline_is_told_by_the_lumen_hu():
+    # A body (200 HU marrow, 1200 HU cortex) touched by a 300 HU contrast lumen; the labels hold a
+    # two-voxel crescent of the lumen next to the cortex, which the soft-tissue edge threshold
+    # keeps. Against the lumen's HU the crescent goes, the cortex and the marrow behind it stay.
+    from spinekit.segmentation.builtin import _lumen_side
+
+    yy, xx = np.mgrid[0:40, 0:60]
+    r_body = np.hypot(yy - 20, xx - 20)
+    r_lumen = np.hypot(yy - 20, xx - 39)
+    hu = np.full((1, 40, 60), 40.0, np.float32)
+    hu[0][r_body <= 10] = 200.0
+    hu[0][(r_body > 9) & (r_body <= 10)] = 1200.0
+    hu[0][(r_lumen <= 9) & (r_body > 10)] = 300.0
+    crescent = (r_body > 10) & (r_body <= 12) & (r_lumen <= 9)
+    kept = ((r_body <= 10) | crescent)[None]
+    blood = ((r_lumen <= 9) & (r_body > 12))[None]
+    side = _lumen_side(kept, blood, hu)
+    assert side[0][crescent].all()
+    assert not side[0][r_body <= 10].any()
+    # Without contrast (lumen darker than the edge threshold) nothing is tested.
+    assert not _lumen_side(kept, blood, np.where(hu == 300.0, np.float32(45.0), hu)).any()
 
 
 @pytest.mark.xfail(strict=True, reason="known: the T12/L1 disc at a scoliotic apex is missed when L1 is osteoporotic")
