@@ -1556,8 +1556,8 @@ def _native_labels(segs, names, sacrum_seg, vert, bodies, grid, image, blood_fou
         blood = native(blood_found)
         blocked = blood
         if rib_bone is not None:
-            rim_free = native(ndi.binary_erosion(rib_bone, structure=_SLICE))
-            blocked = rim_free if blocked is None else blocked | rim_free
+            rib_core = native(ndi.binary_erosion(rib_bone, structure=_SLICE))   # (its rim left free)
+            blocked = rib_core if blocked is None else blocked | rib_core
         vert_native, bodies_native = _refine_native(vert_native, bodies_native, sub, grid.spacing_mm, blocked,
                                                     body_blocked=native(rib_bone), blood=blood)
     # The outline on the native HU, drawn only now so that disc finding saw the full column: one
