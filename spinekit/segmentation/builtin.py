@@ -1721,7 +1721,8 @@ def _refine_native(vert: np.ndarray, bodies: np.ndarray, image: Image, sp: float
     """Redraw the outlines on a finer native grid: nearest-neighbour labels from the working
     grid are blocky by up to one working voxel. Within that shell a voxel is bone when its own
     (lightly smoothed) HU says so; its label comes from the neighbouring labelled voxels.
-    `blocked` (native grid, optional): voxels never grown over (contrast blood found);
+    `blocked` (native grid, optional): voxels never grown over (contrast blood found, the core of
+    the rib bone taken from the column);
     `body_blocked`: voxels the bodies do not grow over (rib heads taken from them); `blood`: the
     contrast blood found, whose side of the outline is drawn against the lumen (_lumen_side)."""
     fg = vert > 0
