@@ -1199,6 +1199,39 @@ def test_osteoporotic_thoracic_body_at_3mm_is_not_split_mid_body():
     assert min(d.values()) >= 0.88, d   # measured 0.905-0.952 (T6 0.58 when split)
 
 
+def test_marrow_dip_cutting_the_disc_spacing_in_two_is_no_disc():
+    from spinekit.segmentation.builtin import _find_discs
+
+    # Measured profile (/100) and endplate valleys (2 mm bins) of a random portal-venous T9-L1
+    # view at 2x2x3 mm (below). No density minimum is sure; the discs are the bands at 17, 32 and
+    # 61 and the weaker band at 47. T11 (52 mg/cm3, basivertebral vein) is a broad trough from 35
+    # to 44 whose floor (bin 39, 0.58 of its flanks, a 10 HU band) ranked ahead of the disc at 47
+    # where the spacing expected one: T11 was split in two and every level above it misnamed.
+    # The dip cuts the spacing (15 bins) into gaps of 7 and 8 and has no endplate band.
+    prof = np.array([44, 133, 172, 214, 221, 229, 252, 270, 283, 297, 308, 308, 296, 282, 286, 295, 230, 202, 269,
+                     297, 279, 273, 261, 264, 265, 268, 287, 275, 264, 265, 292, 253, 194, 270, 272, 227, 185, 165,
+                     158, 151, 154, 183, 195, 192, 212, 258, 232, 219, 260, 294, 309, 321, 321, 321, 324, 329, 326,
+                     306, 287, 283, 229, 185, 250, 277, 287, 303, 309, 311, 312, 318, 309, 280, 242, 194, 120, 33],
+                    float)
+    valley = np.full(prof.size, -np.inf)
+    valley[[6, 7, 9, 11, 17, 23, 24, 26, 27, 32, 38, 39, 40, 41, 43, 46, 47, 49, 52, 53, 55, 58, 59, 60, 61, 67,
+            68, 69]] = [4, 3, 3, 5, 90, 6, 7, 0, 3, 70, 2, 10, 5, 1, 0, 39, 33, 1, 3, 4, 3, 2, 11, 65, 208, 8, 8, 2]
+    discs, endplate_only = _find_discs(prof, 2.0, valley)
+    assert discs == [17, 32, 47, 61]
+    assert sorted(endplate_only) == [17, 32, 61]
+
+
+def test_osteoporotic_body_with_a_basivertebral_vein_is_not_split():
+    # The view of the test above (random seed 304), end to end: anchored by T12's ribs.
+    ph = _phantom(first_level="T9", last_level="L1", spacing_mm=(2.0, 2.0, 3.0), noise_hu=23.8, scoliosis_mm=-5.6,
+                  lordosis_deg=27.7, kyphosis_deg=26.0, contrast_phase="portal-venous", effective_kev=79.7,
+                  basivertebral_vein=True, seed=304,
+                  densities_mg_cm3={"L1": 111, "T10": 239, "T11": 52, "T12": 109, "T9": 187})
+    res = segment_builtin(ph.image)
+    # measured whole 0.916-0.936, bodies 0.931-0.948 (T11 0.55 split; T9-T11 named one level up)
+    _assert_named_and_dice(ph, res, whole_min=0.9, body_min=0.9)
+
+
 def test_band_on_a_shallow_density_floor_is_still_a_candidate():
     from spinekit.segmentation.builtin import _find_discs
 
