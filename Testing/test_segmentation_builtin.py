@@ -663,7 +663,7 @@ def test_upper_thoracic_transverse_processes_keep_their_tips():
     # Arterial T4-T7 at 1.5x1.5x1.25 mm (random seed 20261205's view). The thoracic width cut
     # reaches further on narrower (upper thoracic) bodies; T4's width was measured over all its
     # voxels, 37.6 mm with the rib heads left on its top slices, and its processes were cut 5 mm
-    # short of their tips (whole 0.891). Measured slice by slice (median): 33.6 mm, whole 0.910.
+    # short of their tips (whole 0.891). Measured slice by slice (median): 33.4 mm, whole 0.910.
     ph = _phantom(first_level="T4", last_level="T7", spacing_mm=(1.5, 1.5, 1.25), noise_hu=19.8, scoliosis_mm=5.6,
                   lordosis_deg=27.4, kyphosis_deg=36.0, contrast_phase="arterial", effective_kev=62.2, seed=478,
                   densities_mg_cm3={"T4": 127.0, "T5": 172.0, "T6": 49.0, "T7": 154.0})
