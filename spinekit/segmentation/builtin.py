@@ -670,6 +670,10 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
             if p in ratio and p not in chosen and p not in weak:
                 weak.append(p)
 
+    def band_hu(p):
+        """The endplate-band contrast (HU) at bin p, or that of the band a floor bin stands in for."""
+        return max(floor_bins.get(p, -np.inf), -np.inf if valley is None else float(valley[p]))
+
     def rank(p):
         """Of several weak candidates, a dark band between two endplates first: the mid-body dip
         of an osteoporotic body can be as deep as its discs, but has no endplate within reach
@@ -677,8 +681,8 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
         band (twice ENDPLATE_CONTRAST_HU) before a faint one: marrow darker than the discs
         shows faint bands and deep dips of its own (random T6-T11, T6 at 41 mg/cm3: a 55 HU band
         in its marrow beat the 220 HU T6/T7 band on the dip's depth)."""
-        band_hu = max(floor_bins.get(p, -np.inf), -np.inf if valley is None else float(valley[p]))
-        banded = 0 if band_hu >= 2 * ENDPLATE_CONTRAST_HU else 1 if band_hu >= ENDPLATE_CONTRAST_HU else 2
+        band = band_hu(p)
+        banded = 0 if band >= 2 * ENDPLATE_CONTRAST_HU else 1 if band >= ENDPLATE_CONTRAST_HU else 2
         return (banded, ratio[p])
 
     changed = True
@@ -717,10 +721,10 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
             # (the spacing of the other vertebrae: the gaps beside the dip left out)
             spacing = np.percentile(np.delete(all_gaps, [i - 1, i]), CLOSE_DISC_PERCENTILE)
             gaps = (all_gaps[i - 1], all_gaps[i])
-            band_hu = max(floor_bins.get(chosen[i], -np.inf), float(valley[chosen[i]]))
+            band = band_hu(chosen[i])
             if (max(gaps) < CLOSE_DISC_FRACTION * spacing and sum(gaps) <= CLOSE_DISC_MERGED * spacing
-                    and not band_hu >= ENDPLATE_CONTRAST_HU):
-                marrow.append((band_hu, chosen[i]))
+                    and not band >= ENDPLATE_CONTRAST_HU):
+                marrow.append((band, chosen[i]))
         if not marrow:
             break
         chosen.remove(min(marrow)[1])
