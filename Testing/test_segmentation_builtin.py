@@ -145,6 +145,46 @@ def test_lumbar_view_without_sacrum_is_marked_uncertain():
     assert min(dices.values()) >= 0.9, dices
 
 
+def _anchored_segments(n_rib_free: int, n_thoracic: int = 3):
+    """Working segments caudal -> cranial: the sacrum, n_rib_free rib-free vertebrae, then
+    rib-bearing ones, every body top far enough above the scan's end to show its ribs."""
+    from spinekit.segmentation.builtin import _Segment
+    n = 1 + n_rib_free + n_thoracic
+    segs = [_Segment(s_lo=30.0 * i, s_hi=30.0 * (i + 1), label=i + 1, ribs=2 if i > n_rib_free else 0)
+            for i in range(n)]
+    return segs, {sg.label: 30.0 * (sg.label + 1) for sg in segs}
+
+
+@pytest.mark.parametrize("n_rib_free, lumbar", [(6, ["L6", "L5", "L4", "L3", "L2", "L1"]),
+                                                (4, ["L5", "L4", "L3", "L2"]),
+                                                (3, ["L5", "L4", "L3"])])
+def test_sacrum_and_last_rib_that_disagree_leave_the_names_uncertain(n_rib_free, lumbar):
+    # Six (or four) rib-free vertebrae above the sacrum: a transitional spine, a missed
+    # hypoplastic twelfth rib, or a disc found inside a body (or one missed): the anchors
+    # cannot tell which, so the names are kept and flagged, never given with confidence.
+    from spinekit.segmentation.builtin import _name_levels
+    segs, body_top_mm = _anchored_segments(n_rib_free)
+    warnings = []
+    names, confidence, uncertain, t12 = _name_levels(segs, 0, body_top_mm, warnings)
+    assert uncertain and confidence < 0.9
+    assert t12 == 1 + n_rib_free
+    assert names[:1 + n_rib_free] == ["sacrum"] + lumbar
+    if n_rib_free != 3:  # a transitional count: thoracic levels from the last rib
+        assert names[t12:] == ["T12", "T11", "T10"]
+    assert all("anchor_conflict" in sg.flags for sg in segs[1:t12 + 1])
+    assert any("disagree" in w for w in warnings)
+
+
+def test_sacrum_and_last_rib_that_agree_name_with_confidence():
+    from spinekit.segmentation.builtin import _name_levels
+    segs, body_top_mm = _anchored_segments(5)
+    warnings = []
+    names, confidence, uncertain, t12 = _name_levels(segs, 0, body_top_mm, warnings)
+    assert not uncertain and confidence >= 0.9 and not warnings
+    assert names == ["sacrum", "L5", "L4", "L3", "L2", "L1", "T12", "T11", "T10"]
+    assert not any(sg.flags for sg in segs)
+
+
 def _assert_named_and_dice(ph, res, whole_min, body_min, levels=None):
     assert not res.labels_uncertain
     truth_names = _truth_levels(ph)

@@ -50,7 +50,7 @@ def render_bmd_report(result, image) -> str:
         parts.append("<div class='banner'>DIGITAL PHANTOM — this report is computed on a synthetic digital phantom, "
                      "not on a patient.</div>")
     if s.get("labels_uncertain"):
-        parts.append("<div class='banner'>Level names are uncertain (no anatomical anchor): check the labels.</div>")
+        parts.append("<div class='banner'>Level names are uncertain (no anatomical anchor in view, anchors that disagree, or slices too thick): check the labels.</div>")
 
     # summary
     cat = s.get("category")

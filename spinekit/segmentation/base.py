@@ -39,7 +39,7 @@ class SegmentationResult:
     bodies: Image                  # uint8 VerSe ids, vertebral bodies only
     levels: list[LevelRecord]
     backend: str
-    labels_uncertain: bool = False  # True when no anatomical anchor fixed the level names
+    labels_uncertain: bool = False  # True when no anchor fixed the names, anchors disagree, or slices are too thick
     warnings: list[str] = field(default_factory=list)
     # Which tool/model produced the labels (model name, weights SHA-256, ...); empty for
     # label maps the user supplied directly.

@@ -30,7 +30,7 @@ Pipeline (all on an internal axis-aligned LPS grid of 1.5-2 mm, labels mapped ba
    rib-bearing vertebra with a rib-free one below -> T12 (only where the scan reaches 30 mm
    below that one's rib heads: ribs descend out of a view that ends sooner; a rib belongs to
    the vertebra between whose disc planes, tilted with the bodies, its medial end lies); both -> lumbar from the sacrum,
-   thoracic from the ribs, conflicts flagged; no anchor -> a guess marked uncertain (ribs cut
+   thoracic from the ribs, conflicts flagged uncertain; no anchor -> a guess marked uncertain (ribs cut
    short by the scan's caudal end count for the guess, never as an anchor);
 8. rib heads/necks are given back to the ribs (followed medially from the ribs outside the box;
    what is left sticks out of the body's rounded outline; the width cut reaches further out
@@ -2177,7 +2177,7 @@ def _find_sacrum(segs, vert, dx, anterior):
 def _name_levels(segs, sacrum_seg, body_top_mm, warnings):
     """Level names (caudal -> cranial) from the anchors in view: the sacrum for L5 and the
     lowest rib-bearing vertebra for T12, both when both are seen (a transitional spine with 4 or
-    6 lumbar vertebrae is named from both and flagged), a flagged guess when neither is.
+    6 lumbar vertebrae is named from both and flagged uncertain), a flagged guess when neither is.
     `body_top_mm`: per working label, how far above the scan's caudal end its body's top lies.
     Returns (names, confidence, uncertain, index of T12 or None); warnings are appended."""
     n = len(segs)
@@ -2215,6 +2215,10 @@ def _name_levels(segs, sacrum_seg, body_top_mm, warnings):
                     names[i] = lumb[k]
             for i in range(sacrum_seg + 1, min(n, t12 + 1)):
                 segs[i].flags.append("anchor_conflict")
+            # Anchors that disagree leave the names open: a transitional spine, a hypoplastic
+            # twelfth rib missed, or a disc missed or found inside a body all look alike here.
+            warnings.append("the sacrum and the last rib disagree on the level names; they are uncertain")
+            uncertain = True
             confidence = 0.6
     elif sacrum_seg is not None:
         names = _names_from(sacrum_seg, "sacrum", n)
