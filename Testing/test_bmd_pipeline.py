@@ -34,7 +34,7 @@ def _truth_seg(ph) -> SegmentationResult:
 def phantom_run():
     # Metal (pedicle screws) in L1: L1 must be flagged and the next pair (L2-L3) used.
     ph = generate_ct_phantom(CTPhantomConfig(first_level="T12", last_level="L3", spacing_mm=(1.5, 1.5, 1.5),
-                                             densities_mg_cm3=DENSITIES, noise_hu=10.0, metal_level="L1",
+                                             densities_mg_cm3=DENSITIES, noise_hu=10.0, metal_level="L1", metal_artifacts=1.0,
                                              include_sacrum=False, seed=2))
     res = run_bmd(ph.image, _truth_seg(ph), BMDOptions(age=70, sex="F"))
     return ph, res

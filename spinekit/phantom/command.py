@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kyphosis", type=float, default=20.0, help="thoracic kyphosis in degrees (default 20)")
     parser.add_argument("--rods", action="store_true", help="add a K2HPO4 calibration phantom under the patient")
     parser.add_argument("--metal", default=None, metavar="LEVEL", help="pedicle screws in this level")
+    parser.add_argument("--metal-artifacts", type=float, default=0.0, metavar="STRENGTH",
+                        help="beam-hardening streaks of the screws: 0 none (default), 1 a two-energy beam "
+                             "without metal-artifact reduction")
     parser.add_argument("--basivertebral-vein", action="store_true", help="add a basivertebral vein to every body")
     parser.add_argument("--no-ribs", action="store_true", help="leave out the ribs")
     parser.add_argument("--no-sacrum", action="store_true", help="leave out sacrum and pelvis")
@@ -93,7 +96,7 @@ def config_from_args(args: argparse.Namespace) -> CTPhantomConfig:
         marrow_fat_fraction=args.marrow_fat, effective_kev=args.kev, noise_hu=args.noise,
         blur_fwhm_mm=args.blur, lordosis_deg=args.lordosis, kyphosis_deg=args.kyphosis,
         scoliosis_mm=args.scoliosis, contrast_phase=args.phase.lower(), fractures=fractures,
-        metal_level=args.metal, calibration_rods=args.rods, seed=args.seed,
+        metal_level=args.metal, metal_artifacts=args.metal_artifacts, calibration_rods=args.rods, seed=args.seed,
         basivertebral_vein=args.basivertebral_vein,
     )
 

@@ -21,7 +21,9 @@ Tissue ids of ``CTPhantom.tissues`` (``TISSUE_IDS``, also in ``truth["tissue_ids
  with basivertebral_vein=True; HU as the IVC).
 
 HU (documented numbers): air, fat, muscle, blood, cortical bone, water from NIST (physics);
-disc 80, CSF 10, lung -850, metal 3071 (the usual int16 CT ceiling). Contrast: native aorta =
+disc 80, CSF 10, lung -850, metal 3071 (the usual int16 CT ceiling; titanium's true HU is far
+above it). Optional beam-hardening streaks of the screws (``metal_artifacts``, see
+``metal_streaks_hu``) in the slices that hold metal. Contrast: native aorta =
 IVC = heart = portal vein = NIST blood; arterial aorta 300, IVC 90, heart 250, portal vein 120;
 portal-venous aorta 160, IVC 150, heart 150, portal vein 180. Viscera 40 / 60 / 100, liver
 55 / 70 / 110, kidney 30 / 150 / 170 (native / arterial / portal-venous). Muscle and fat are not
@@ -101,6 +103,9 @@ class CTPhantomConfig:
     contrast_phase: str = "native"  # native | arterial | portal-venous
     fractures: dict[str, tuple[str, int]] = field(default_factory=dict)  # {"L1": ("wedge", 2)}
     metal_level: str | None = None  # pedicle screws in that level
+    # Beam-hardening streaks from the (titanium) screws: 0 none, 1 = a two-energy beam with no
+    # metal-artifact reduction (see metal_streaks_hu); scanners' corrections leave a fraction.
+    metal_artifacts: float = 0.0
     calibration_rods: bool = False  # Mindways-like K2HPO4 rods under the patient
     seed: int = 0
     basivertebral_vein: bool = False  # venous channel (blood HU) at the posterior body centre
@@ -200,6 +205,8 @@ def _validate(cfg: CTPhantomConfig) -> list[str]:
         raise InputError(f"effective energy {cfg.effective_kev} keV is outside {lo:g}-{hi:g} keV.")
     if cfg.noise_hu < 0 or cfg.blur_fwhm_mm < 0:
         raise InputError("phantom noise and blur must not be negative.")
+    if cfg.metal_artifacts < 0:
+        raise InputError(f"metal artifact strength {cfg.metal_artifacts} must not be negative.")
     if cfg.slice_thickness_mm is not None and cfg.slice_thickness_mm <= 0:
         raise InputError(f"slice thickness {cfg.slice_thickness_mm} mm must be positive.")
     for name, dens in (cfg.densities_mg_cm3 or {}).items():
@@ -355,6 +362,7 @@ def generate_ct_phantom(config: CTPhantomConfig | None = None, progress: Progres
             "spacing_mm": list(grid.spacing), "seed": cfg.seed,
             "slice_thickness_mm": cfg.slice_thickness_mm or float(grid.spacing[2]),
             "pv_subsamples_zyx": list(pv_factors(grid.spacing)),  # HU averaged over these around the bone
+            "metal_artifacts": cfg.metal_artifacts,
         },
         "tissue_hu": {
             "air": air_hu, "fat": fat_hu, "muscle": muscle_hu, "blood": blood_hu, "aorta": aorta_hu,
@@ -600,6 +608,57 @@ def _sigmas_vox(spacing_mm, blur_fwhm_mm, slice_thickness_mm):
     return (sig_z, blur_fwhm_mm * fwhm2sig / sy, blur_fwhm_mm * fwhm2sig / sx)
 
 
+STREAK_PIXEL_MM = 1.0  # streaks are computed at >= this in-plane pixel (they are smooth; radon is slow)
+STREAK_ANGLES = 180
+STREAK_SPREAD_KEV = 20.0  # the two-energy beam: effective keV -/+ this, equal weights
+METAL = ("Ti", 4.506)  # pedicle screws: titanium, g/cm3
+
+
+def metal_streaks_hu(metal: np.ndarray, spacing_mm, kev: float, strength: float = 1.0) -> dict[int, np.ndarray]:
+    """Beam-hardening streaks of metal, {z: float32 (ny, nx) HU to add}, by filtered back-projection.
+
+    Each ray through L mm of metal is measured with a two-energy beam (kev -/+ STREAK_SPREAD_KEV):
+    -ln(mean(exp(-mu_E L))) falls short of the linear mean(mu_E) L the reconstruction assumes
+    (the softer half is used up first). That error, ramp-filtered and back-projected, gives the
+    dark bands along and between the screws and the bright streaks beside them that CT shows
+    without metal-artifact reduction; `strength` scales it (scanners' corrections leave a part).
+    Water's own beam hardening is taken as corrected, as scanners do. Computed per axial slice at
+    a pixel of at least STREAK_PIXEL_MM and interpolated back (square pixels: the mean in-plane
+    spacing)."""
+    from skimage.transform import iradon, radon
+
+    zs = [int(z) for z in np.flatnonzero(metal.reshape(metal.shape[0], -1).any(axis=1))]
+    if not zs or strength <= 0:
+        return {}
+    energies = (kev - STREAK_SPREAD_KEV, kev + STREAK_SPREAD_KEV)
+    mu_mm = np.array([physics.mu_cm(METAL[0], e, density=METAL[1]) / 10.0 for e in energies])
+    hu_per_mu_mm = 1000.0 / (physics.mu_cm("water", kev) / 10.0)
+    pixel_mm = float(np.mean(spacing_mm[:2]))
+    step = max(1, int(np.ceil(STREAK_PIXEL_MM / pixel_mm - 1e-6)))
+    coarse_mm = pixel_mm * step
+    ny, nx = metal.shape[1:]
+    cy, cx = -(-ny // step), -(-nx // step)
+    side = max(cy, cx)
+    oy, ox = (side - cy) // 2, (side - cx) // 2
+    theta = np.linspace(0.0, 180.0, STREAK_ANGLES, endpoint=False)
+    out = {}
+    for z in zs:
+        m = np.zeros((cy * step, cx * step), np.float32)
+        m[:ny, :nx] = metal[z]
+        sq = np.zeros((side, side), np.float32)
+        sq[oy:oy + cy, ox:ox + cx] = m.reshape(cy, step, cx, step).mean(axis=(1, 3))  # metal fraction
+        path_mm = radon(sq, theta, circle=False) * coarse_mm
+        measured = -np.log(np.mean(np.exp(-mu_mm[:, None, None] * path_mm[None]), axis=0))
+        error = measured - mu_mm.mean() * path_mm          # line-integral units (dimensionless)
+        # radon sums pixel values, so the image whose projections are `error` is error / pixel.
+        err = iradon(error / coarse_mm, theta, circle=False, output_size=side, filter_name="ramp")
+        err = err[oy:oy + cy, ox:ox + cx] * (hu_per_mu_mm * strength)
+        if step > 1:
+            err = ndimage.zoom(err, step, order=1, mode="nearest")[:ny, :nx]
+        out[z] = err.astype(np.float32)
+    return out
+
+
 def _scanner(mat: np.ndarray, lut: np.ndarray, grid: Grid, cfg: CTPhantomConfig, progress,
              hu_patches=()) -> np.ndarray:
     """Noise-free HU (material lookup), white noise, in-plane Gaussian blur (FWHM) and slice-profile
@@ -613,6 +672,8 @@ def _scanner(mat: np.ndarray, lut: np.ndarray, grid: Grid, cfg: CTPhantomConfig,
                                                                        cfg.slice_thickness_mm)))
     rng = np.random.default_rng(cfg.seed)
     nz = mat.shape[0]
+    streaks = (metal_streaks_hu(mat == T["metal"], grid.spacing, cfg.effective_kev, cfg.metal_artifacts)
+               if cfg.metal_artifacts else {})
     lo, hi = HU_RANGE
     out = np.empty(mat.shape, np.int16)
     full = np.empty(mat.shape, np.float32) if sig_z > 0 else None
@@ -624,6 +685,8 @@ def _scanner(mat: np.ndarray, lut: np.ndarray, grid: Grid, cfg: CTPhantomConfig,
         for z0, ys, xs, patch in hu_patches:  # volume-averaged HU near the bone
             if z0 <= z < z0 + patch.shape[0]:
                 h[ys, xs] = patch[z - z0]
+        if z in streaks:  # (not on the metal: its true HU, ~10000, stays above the ceiling)
+            h += np.where(mat[z] == T["metal"], np.float32(0), streaks[z])
         if cfg.noise_hu > 0:
             rng.standard_normal(out=noise, dtype=np.float32)
             noise *= white_sd

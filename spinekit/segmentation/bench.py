@@ -171,6 +171,10 @@ def phantom_cases(quick: bool = False) -> list[dict]:
     if quick:
         return cases[:1] + cases[3:5] + cases[7:9]
     cases += [
+        # Titanium screws with the beam-hardening streaks of a beam without metal-artifact
+        # reduction (bright rays of soft tissue and canal joined to the vertebra in their slices).
+        dict(metal_level="L3", metal_artifacts=1.0),
+        dict(metal_level="L4", metal_artifacts=1.0, spacing_mm=(0.7, 0.7, 3.0), noise_hu=20.0, seed=4),
         dict(spacing_mm=(0.6, 0.6, 0.6), first_level="L1", last_level="L5"),
         dict(seed=1, noise_hu=5.0, densities_mg_cm3=dense),
         dict(seed=2, fractures={"L2": ("biconcave", 2)}, scoliosis_mm=-15.0),

@@ -74,6 +74,8 @@ EDGE_PROFILE_MIN_MM = 1.5    # share of its inward neighbour: past the cortex's 
 #                              CT up to 0.007 per level, L5 0.858 -> 0.851)
 FRAGMENT_GAP_MM = 6.0    # a piece of a label this far from its main part is not that vertebra ...
 FRAGMENT_MAX_SHARE = 0.1  # ... when under this share of its size
+METAL_MIN_HU = 2500.0     # metal (or its blooming): above cortical bone (<= ~2000 HU) and contrast
+METAL_OPENING_MM = 1.0    # in-plane opening of the labels in slices holding metal (streak rays)
 EDGE_HU = 200.0          # outline voxels darker than this are partial-volume soft tissue
 TRABECULAR_HU = 115.0    # normal trabecular bone; discs (~85 HU) and muscle stay below
 TRABECULAR_MIN_DIRS = 5  # ... and it lies inside a cortical ring: bone in most in-plane directions
@@ -1594,8 +1596,59 @@ def _native_labels(segs, names, sacrum_seg, vert, bodies, grid, image, blood_fou
     # voxel layer at most (a low-density body keeps its interior).
     vert_native, bodies_native = _trim_outline(vert_native, bodies_native, sub,
                                                EDGE_FRACTION_COARSE if native_min >= 2.5 else EDGE_FRACTION)
+    _open_metal_slices(vert_native, bodies_native, sub)
     vert_full[box], bodies_full[box] = _drop_detached_fragments(vert_native, bodies_native, image.spacing_zyx_mm)
     return vert_full, bodies_full
+
+
+def _axial_axis(image: Image) -> tuple[int, bool]:
+    """The array axis [z, y, x] of an image closest to the patient's superior direction, and
+    whether its index grows superiorly."""
+    sup = image.direction[2, :]            # z (LPS superior) component of each index axis x, y, z
+    axis_xyz = int(np.argmax(np.abs(sup)))
+    return 2 - axis_xyz, bool(sup[axis_xyz] > 0)
+
+
+def _open_metal_slices(vert: np.ndarray, bodies: np.ndarray, sub: Image) -> None:
+    """A screw's beam-hardening streaks lie in the axial slices that hold metal and lift thin
+    rays of soft tissue and canal above the bone threshold, joined to the vertebra or beside it.
+    In those slices the labels are opened in-plane (a disc of METAL_OPENING_MM), and an in-plane
+    piece apart from the metal is kept only where vertebra goes on in the nearest slice without
+    metal above or below (the streaks end there; a process or lamina goes on). The metal stays.
+    In place. (Keeping each label near its outline in the metal-free slices as well helped the
+    phantoms more but cut transverse processes that lie within a screw's slices at 3 mm.)"""
+    # (metal inside the labels only: excreted contrast in the bladder can pass the HU too)
+    metal = (sub.array >= METAL_MIN_HU) & (vert > 0)
+    if not metal.any():
+        return
+    axis = _axial_axis(sub)[0]
+    in_plane = [s for a, s in enumerate(sub.spacing_zyx_mm) if a != axis]
+    r = [max(1, int(round(METAL_OPENING_MM / s))) for s in in_plane]
+    yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1]
+    disc = np.expand_dims((yy / r[0]) ** 2 + (xx / r[1]) ** 2 <= 1.0, axis)
+    in_plane8 = np.moveaxis(_SLICE8, 0, axis)
+    has_metal = np.moveaxis(metal, axis, 0).reshape(metal.shape[axis], -1).any(axis=1)
+    clean = np.flatnonzero(~has_metal)
+
+    def plane(k):
+        idx = [slice(None)] * 3
+        idx[axis] = slice(k, k + 1)
+        return tuple(idx)
+
+    for k in np.flatnonzero(has_metal):
+        idx = plane(k)
+        v = vert[idx]
+        kept = ndi.binary_opening(v > 0, structure=disc)
+        pieces, n = ndi.label(kept, structure=in_plane8)
+        if n > 1:
+            beyond = np.zeros_like(kept)
+            for c in clean[clean < k][-1:].tolist() + clean[clean > k][:1].tolist():
+                beyond |= vert[plane(c)] > 0
+            good = np.unique(pieces[(metal[idx] | beyond) & kept])
+            kept &= np.isin(pieces, good[good > 0])
+        kept |= metal[idx]
+        v[~kept] = 0
+        bodies[idx][~kept] = 0
 
 
 def _native_box(working_box, grid: _Grid, image: Image) -> tuple[slice, ...]:
@@ -2258,10 +2311,7 @@ def _records(segs, vert, bodies, image, grid, confidence, uncertain):
     boxes = ndi.find_objects(vert)
     counts, bcounts = _label_counts(vert, boxes), _label_counts(bodies, ndi.find_objects(bodies))
     # Which native array axis/direction is superior: the truncation side follows from it.
-    sup = image.direction[2, :]            # z (LPS superior) component of each index axis x,y,z
-    axis_xyz = int(np.argmax(np.abs(sup)))
-    axis_arr = 2 - axis_xyz
-    up = sup[axis_xyz] > 0
+    axis_arr, up = _axial_axis(image)
     n_ax = vert.shape[axis_arr]
     out = []
     seen = set()
