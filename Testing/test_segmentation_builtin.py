@@ -787,6 +787,12 @@ def test_streak_rays_and_pieces_in_metal_slices_are_dropped():
     assert vert[2, 11:29, 11:29].all()
     assert np.array_equal(vert[[0, 1, 3, 4]], before[[0, 1, 3, 4]])   # slices without metal untouched
     assert np.array_equal(bodies > 0, vert > 0)
+    # Metal in every slice (rods spanning the view): no metal-free slice within reach tells a
+    # process from a streak, so only the opening acts.
+    rods, rod_hu = before.copy(), hu.copy()
+    rod_hu[:, 18:21, 14:17] = 3071
+    _open_metal_slices(rods, rods.copy(), Image(rod_hu, (1.0, 1.0, 2.0)))
+    assert rods[2, 2:6, 2:6].sum() >= 12 and not rods[2, 20, 31:38].any()
     # no metal: nothing changes (a transpose of the axes as well: the axial axis is found from the
     # direction, here the array's last axis)
     plain = before.copy()

@@ -76,6 +76,7 @@ FRAGMENT_GAP_MM = 6.0    # a piece of a label this far from its main part is not
 FRAGMENT_MAX_SHARE = 0.1  # ... when under this share of its size
 METAL_MIN_HU = 2500.0     # metal (or its blooming): above cortical bone (<= ~2000 HU) and contrast
 METAL_OPENING_MM = 1.0    # in-plane opening of the labels in slices holding metal (streak rays)
+METAL_PIECE_REACH_MM = 10.0  # half the slices of a tilted screw pair (19 mm in a lordotic L5)
 EDGE_HU = 200.0          # outline voxels darker than this are partial-volume soft tissue
 TRABECULAR_HU = 115.0    # normal trabecular bone; discs (~85 HU) and muscle stay below
 TRABECULAR_MIN_DIRS = 5  # ... and it lies inside a cortical ring: bone in most in-plane directions
@@ -1614,7 +1615,8 @@ def _open_metal_slices(vert: np.ndarray, bodies: np.ndarray, sub: Image) -> None
     rays of soft tissue and canal above the bone threshold, joined to the vertebra or beside it.
     In those slices the labels are opened in-plane (a disc of METAL_OPENING_MM), and an in-plane
     piece apart from the metal is kept only where vertebra goes on in the nearest slice without
-    metal above or below (the streaks end there; a process or lamina goes on). The metal stays.
+    metal above or below, if one lies within METAL_PIECE_REACH_MM (the streaks end there; a
+    process or lamina goes on; rods spanning many slices leave none near). The metal stays.
     In place. (Keeping each label near its outline in the metal-free slices as well helped the
     phantoms more but cut transverse processes that lie within a screw's slices at 3 mm.)"""
     # (metal inside the labels only: excreted contrast in the bladder can pass the HU too)
@@ -1622,6 +1624,7 @@ def _open_metal_slices(vert: np.ndarray, bodies: np.ndarray, sub: Image) -> None
     if not metal.any():
         return
     axis = _axial_axis(sub)[0]
+    spacing_ax = sub.spacing_zyx_mm[axis]
     in_plane = [s for a, s in enumerate(sub.spacing_zyx_mm) if a != axis]
     r = [max(1, int(round(METAL_OPENING_MM / s))) for s in in_plane]
     yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1]
@@ -1640,9 +1643,11 @@ def _open_metal_slices(vert: np.ndarray, bodies: np.ndarray, sub: Image) -> None
         v = vert[idx]
         kept = ndi.binary_opening(v > 0, structure=disc)
         pieces, n = ndi.label(kept, structure=in_plane8)
-        if n > 1:
+        near = [c for c in clean[clean < k][-1:].tolist() + clean[clean > k][:1].tolist()
+                if abs(c - k) * spacing_ax <= METAL_PIECE_REACH_MM]
+        if n > 1 and near:
             beyond = np.zeros_like(kept)
-            for c in clean[clean < k][-1:].tolist() + clean[clean > k][:1].tolist():
+            for c in near:
                 beyond |= vert[plane(c)] > 0
             good = np.unique(pieces[(metal[idx] | beyond) & kept])
             kept &= np.isin(pieces, good[good > 0])
