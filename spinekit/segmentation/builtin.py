@@ -74,7 +74,8 @@ EDGE_PROFILE_MIN_MM = 1.5    # share of its inward neighbour: past the cortex's 
 #                              CT up to 0.007 per level, L5 0.858 -> 0.851)
 FRAGMENT_GAP_MM = 6.0    # a piece of a label this far from its main part is not that vertebra ...
 FRAGMENT_MAX_SHARE = 0.1  # ... when under this share of its size
-METAL_MIN_HU = 2500.0     # metal (or its blooming): above cortical bone (<= ~2000 HU) and contrast
+METAL_MIN_HU = 3000.0     # metal: at the 12-bit ceiling (3071). Dense cortical bone reaches ~2400 HU
+#                           at 50 keV (xraylib), a thin spinal cortex far less; contrast less still
 METAL_OPENING_MM = 1.0    # in-plane opening of the labels in slices holding metal (streak rays)
 METAL_PIECE_REACH_MM = 10.0  # half the slices of a tilted screw pair (19 mm in a lordotic L5)
 EDGE_HU = 200.0          # outline voxels darker than this are partial-volume soft tissue
