@@ -326,6 +326,27 @@ def test_metal_streaks_stay_in_the_slices_with_metal():
         generate_ct_phantom(**kw, metal_artifacts=-1.0)
 
 
+def test_screw_and_rod_construct_over_two_levels():
+    ph = generate_ct_phantom(spacing_mm=(1.5, 1.5, 1.5), first_level="L2", last_level="L5", include_sacrum=False,
+                             metal_level="L3-L4", noise_hu=0.0)
+    metal = ph.tissues.array == TISSUE_IDS["metal"]
+    assert [n for n in ("L2", "L3", "L4", "L5") if ph.truth["levels"][n]["metal"]] == ["L3", "L4"]
+    # screws in both levels (inside the bone, labelled), heads and rods behind them (unlabelled)
+    assert set(np.unique(ph.vertebrae.array[metal])) == {0, VERSE_IDS["L3"], VERSE_IDS["L4"]}
+    hardware = metal & (ph.vertebrae.array == 0)
+    assert hardware.sum() * 1.5 ** 3 > 2 * 3.1416 * 2.75 ** 2 * 20    # two rods, >= 20 mm long each
+    # one piece per side: each rod joins its side's screws of both levels
+    pieces, n = ndimage.label(metal, structure=np.ones((3, 3, 3)))
+    assert n == 2
+    for k in (1, 2):
+        assert set(np.unique(ph.vertebrae.array[pieces == k])) == {0, VERSE_IDS["L3"], VERSE_IDS["L4"]}
+    # the hardware lies behind the canal: posterior (y grows posteriorly) of every screw tip
+    tips_y = np.nonzero(metal & (ph.bodies.array > 0))[1]
+    assert np.nonzero(hardware)[1].min() > tips_y.max()
+    with pytest.raises(InputError):
+        generate_ct_phantom(first_level="L2", last_level="L4", metal_level="L3-L5")
+
+
 def test_partial_field_of_view_marks_cut_levels():
     full = generate_ct_phantom(spacing_mm=(2.0, 2.0, 2.0), first_level="T12", last_level="L4", include_sacrum=False)
     nz = full.image.shape[0]

@@ -765,6 +765,32 @@ def test_pedicle_screws_with_beam_hardening_streaks_are_named_and_outlined():
     assert l3[metal].mean() > 0.9       # the screws inside the bone stay with their vertebra
 
 
+@pytest.fixture(scope="module")
+def rod_construct():
+    ph = _phantom(first_level="T12", last_level="L5", metal_level="L3-L4", metal_artifacts=1.0)
+    return ph, segment_builtin(ph.image)
+
+
+def test_screw_and_rod_construct_is_named_and_its_bodies_outlined(rod_construct):
+    # Screws in L3 and L4 joined by rods, with the streaks of all of it, at 2 mm. Measured: bodies
+    # L3 / L4 0.917 / 0.927; the other levels as without metal.
+    ph, res = rod_construct
+    _assert_named_and_dice(ph, res, 0.9, 0.9, levels=["T12", "L1", "L2", "L5"])
+    for name in ("L3", "L4"):
+        vid = lv.level_id(name)
+        assert dice(res.bodies.array == vid, ph.bodies.array == vid) >= 0.9, name
+
+
+@pytest.mark.xfail(strict=True, reason="the screw heads and rods behind the bone are labelled with the "
+                   "vertebrae, and with metal in every slice between the screws no metal-free slice tells "
+                   "a streak ray from a process: L3 / L4 whole 0.884 / 0.893 at 2 mm")
+def test_screw_and_rod_construct_whole_vertebrae_reach_the_target(rod_construct):
+    ph, res = rod_construct
+    for name in ("L3", "L4"):
+        vid = lv.level_id(name)
+        assert dice(res.vertebrae.array == vid, ph.vertebrae.array == vid) >= 0.9, name
+
+
 def test_streak_rays_and_pieces_in_metal_slices_are_dropped():
     # Slice 2 holds a screw: a one-voxel ray off the body and a piece apart from it that stops in
     # the metal-free slices beside it are streaks; a piece that goes on into them is bone.

@@ -206,7 +206,7 @@ def paint_vertebra(mat, M, vertebrae, bodies, grid, fr, d, above, vid, fracture,
         u, v, w = local_coords(grid, fr, sl)
         m_s, v_s = mat[sl], vertebrae[sl]
         for side in (-1.0, 1.0):
-            p0 = np.array([side * u0, vc + cb + lam * 0.5, w_ped])
+            p0 = screw_entry_local(d, side)
             p1 = np.array([side * 5.0, -b + 6.0, w_ped])
             dvec = p1 - p0
             L2 = float(dvec @ dvec)
@@ -216,6 +216,45 @@ def paint_vertebra(mat, M, vertebrae, bodies, grid, fr, d, above, vid, fracture,
             m_s[m] = T["metal"]
             v_s[m] = vid
     return out
+
+
+TULIP_RADIUS_MM = 5.0   # polyaxial screw head, behind the screw's entry in the lamina
+ROD_RADIUS_MM = 2.75    # 5.5 mm rod
+
+
+def screw_entry_local(d: LevelDims, side: float) -> np.ndarray:
+    """Local (u, v, w) entry point of a pedicle screw: mid-lamina on the pedicle's axis."""
+    vc, ca, cb = canal_geom(d)
+    return np.array([side * (ca + d.pedicle_width_mm / 2), vc + cb + d.lamina_mm * 0.5, 0.15 * d.body_height_mm])
+
+
+def paint_spinal_rods(mat, grid, frames, dims, names) -> None:
+    """A posterior construct over `names` (contiguous, cranial -> caudal, screws painted by
+    paint_vertebra): a screw head (tulip) behind each screw's entry, and on each side a rod
+    through the heads. Metal where it lies; the labels are left as they are (hardware outside
+    the bone is no vertebra)."""
+    for side in (-1.0, 1.0):
+        heads = []
+        for n in names:
+            fr = frames[n]
+            u, v, w = screw_entry_local(dims[n], side)
+            heads.append(fr.to_world(u, v + TULIP_RADIUS_MM, w))
+        r_max = max(TULIP_RADIUS_MM, ROD_RADIUS_MM)
+        for k, c in enumerate(heads):
+            segs = [(c, c, TULIP_RADIUS_MM)] + ([(heads[k - 1], c, ROD_RADIUS_MM)] if k else [])
+            for p, q, r in segs:
+                sl = grid.bbox(np.array([p, q]), margin_mm=r_max + 1.0)
+                if sl is None:
+                    continue
+                x, y, z = grid.coords(sl)
+                dvec = q - p
+                L2 = float(dvec @ dvec)
+                if L2 > 0:
+                    t = np.clip(((x - p[0]) * dvec[0] + (y - p[1]) * dvec[1] + (z - p[2]) * dvec[2]) / L2, 0, 1)
+                else:
+                    t = np.zeros((1, 1, 1), np.float32)
+                d2 = (x - p[0] - t * dvec[0]) ** 2 + (y - p[1] - t * dvec[1]) ** 2 + (z - p[2] - t * dvec[2]) ** 2
+                mat[sl][d2 <= r * r] = T["metal"]
 
 
 def _sub(grid, fr, outer, ur, vr, wr):

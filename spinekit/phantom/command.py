@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lordosis", type=float, default=30.0, help="lumbar lordosis in degrees (default 30)")
     parser.add_argument("--kyphosis", type=float, default=20.0, help="thoracic kyphosis in degrees (default 20)")
     parser.add_argument("--rods", action="store_true", help="add a K2HPO4 calibration phantom under the patient")
-    parser.add_argument("--metal", default=None, metavar="LEVEL", help="pedicle screws in this level")
+    parser.add_argument("--metal", default=None, metavar="LEVEL",
+                        help="pedicle screws in this level, or in a range (L3-L4) joined by rods")
     parser.add_argument("--metal-artifacts", type=float, default=0.0, metavar="STRENGTH",
                         help="beam-hardening streaks of the screws: 0 none (default), 1 a two-energy beam "
                              "without metal-artifact reduction")

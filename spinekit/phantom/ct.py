@@ -49,7 +49,7 @@ from ..outputs import staged
 from ..levels import VERSE_IDS
 from ..progress import Progress, report
 from ._bone import (FRACTURE_TYPES, GENANT_LOSS, paint_canal, paint_disc, paint_pelvis, paint_rib, paint_sacrum,
-                    paint_vertebra)
+                    paint_spinal_rods, paint_vertebra)
 from ._grid import TISSUE_IDS, Grid, Materials, box_corners, cortex_iterations
 from ._soft import OUTLINE_OFFSET_MM, outline, paint_soft_tissue
 from ._spine import SPINE_LEVELS, build_curve, level_dims
@@ -102,7 +102,7 @@ class CTPhantomConfig:
     scoliosis_mm: float = 0.0  # lateral offset at the middle of the range (+ = to the left)
     contrast_phase: str = "native"  # native | arterial | portal-venous
     fractures: dict[str, tuple[str, int]] = field(default_factory=dict)  # {"L1": ("wedge", 2)}
-    metal_level: str | None = None  # pedicle screws in that level
+    metal_level: str | None = None  # pedicle screws in that level; a range ("L3-L4"): joined by rods
     # Beam-hardening streaks from the (titanium) screws: 0 none, 1 = a two-energy beam with no
     # metal-artifact reduction (see metal_streaks_hu); scanners' corrections leave a fraction.
     metal_artifacts: float = 0.0
@@ -166,6 +166,14 @@ def level_range(first: str, last: str) -> list[str]:
     return list(SPINE_LEVELS[i:j + 1])
 
 
+def metal_levels(spec: str | None) -> list[str]:
+    """Levels with pedicle screws: none, one ("L3") or a range ("L3-L4", joined by rods)."""
+    if not spec:
+        return []
+    parts = str(spec).strip().upper().replace(":", "-").split("-")
+    return level_range(parts[0], parts[-1]) if len(parts) == 2 else level_range(parts[0], parts[0])
+
+
 def default_density_mg_cm3(name: str) -> float:
     """Healthy adult trabecular HA: ~160 (T1) falling linearly to ~125 mg/cm3 (L5)."""
     return float(160.0 - 35.0 * SPINE_LEVELS.index(name) / (len(SPINE_LEVELS) - 1))
@@ -221,7 +229,7 @@ def _validate(cfg: CTPhantomConfig) -> list[str]:
             raise InputError(f"fracture type '{spec[0]}' for {name} must be one of {', '.join(FRACTURE_TYPES)}.")
         if int(spec[1]) not in GENANT_LOSS:
             raise InputError(f"fracture grade {spec[1]} for {name} must be a Genant grade 1, 2 or 3.")
-    if cfg.metal_level is not None and cfg.metal_level.upper() not in levels:
+    if cfg.metal_level is not None and not set(metal_levels(cfg.metal_level)) <= set(levels):
         raise InputError(f"metal level '{cfg.metal_level}' is not among the rendered levels {levels[0]}-{levels[-1]}.")
     return levels
 
@@ -343,7 +351,7 @@ def generate_ct_phantom(config: CTPhantomConfig | None = None, progress: Progres
             "center_lps_mm": fr.origin.tolist(),
             "axis_lateral": fr.lateral.tolist(), "axis_posterior": fr.posterior.tolist(),
             "axis_superior": fr.superior.tolist(),
-            "metal": n == cfg.metal_level,
+            "metal": n in metal_levels(cfg.metal_level),
             "basivertebral_vein": bool(cfg.basivertebral_vein),
             "ribs": bool(cfg.include_ribs and n.startswith("T")),
         }
@@ -456,13 +464,16 @@ def _paint(scene: _Scene, grid: Grid, progress=None, truth: bool = False):
         paint_pelvis(mat, M, grid, curve.point(curve.sacrum_top_s), scene.cortical_hu, scene.ilium_hu)
     report(progress, 0.5, "phantom: vertebrae")
     geo = {}
+    metal = metal_levels(cfg.metal_level)
     for k, n in enumerate(levels):
         above = dims[levels[k - 1]] if k > 0 else None
         geo[n] = paint_vertebra(mat, M, vertebrae, bodies, grid, frames[n], dims[n], above, VERSE_IDS[n],
                                 cfg.fractures.get(n), scene.trab_hu[n], scene.cortical_hu,
-                                metal=(n == cfg.metal_level),
+                                metal=(n in metal),
                                 vein_material=T["basivertebral_vein"] if cfg.basivertebral_vein else None,
                                 truth=truth)
+    if len(metal) > 1:
+        paint_spinal_rods(mat, grid, frames, dims, metal)
     return mat, vertebrae, bodies, geo, sacrum_present, rods_truth
 
 

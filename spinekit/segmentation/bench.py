@@ -175,6 +175,9 @@ def phantom_cases(quick: bool = False) -> list[dict]:
         # reduction (bright rays of soft tissue and canal joined to the vertebra in their slices).
         dict(metal_level="L3", metal_artifacts=1.0),
         dict(metal_level="L4", metal_artifacts=1.0, spacing_mm=(0.7, 0.7, 3.0), noise_hu=20.0, seed=4),
+        # ... and a two-level construct: screws in L3 and L4 joined by rods (the heads and rods
+        # behind the bone are labelled with the vertebrae: under 0.9 whole).
+        dict(first_level="T12", metal_level="L3-L4", metal_artifacts=1.0),
         dict(spacing_mm=(0.6, 0.6, 0.6), first_level="L1", last_level="L5"),
         dict(seed=1, noise_hu=5.0, densities_mg_cm3=dense),
         dict(seed=2, fractures={"L2": ("biconcave", 2)}, scoliosis_mm=-15.0),
