@@ -206,16 +206,20 @@ def paint_vertebra(mat, M, vertebrae, bodies, grid, fr, d, above, vid, fracture,
         u, v, w = local_coords(grid, fr, sl)
         m_s, v_s = mat[sl], vertebrae[sl]
         for side in (-1.0, 1.0):
-            p0 = screw_entry_local(d, side)
-            p1 = np.array([side * 5.0, -b + 6.0, w_ped])
-            dvec = p1 - p0
-            L2 = float(dvec @ dvec)
-            tt = np.clip(((u - p0[0]) * dvec[0] + (v - p0[1]) * dvec[1] + (w - p0[2]) * dvec[2]) / L2, 0, 1)
-            dist2 = (u - p0[0] - tt * dvec[0]) ** 2 + (v - p0[1] - tt * dvec[1]) ** 2 + (w - p0[2] - tt * dvec[2]) ** 2
-            m = dist2 <= 3.25 ** 2
+            m = _segment_dist2((u, v, w), screw_entry_local(d, side), np.array([side * 5.0, -b + 6.0, w_ped])) \
+                <= 3.25 ** 2
             m_s[m] = T["metal"]
             v_s[m] = vid
     return out
+
+
+def _segment_dist2(xyz, p, q):
+    """Squared distance of points (three broadcastable coordinate arrays) to the segment p-q
+    (a point when p == q)."""
+    d = q - p
+    rel = [c - pc for c, pc in zip(xyz, p)]
+    t = np.clip((rel[0] * d[0] + rel[1] * d[1] + rel[2] * d[2]) / max(float(d @ d), 1e-12), 0, 1)
+    return (rel[0] - t * d[0]) ** 2 + (rel[1] - t * d[1]) ** 2 + (rel[2] - t * d[2]) ** 2
 
 
 TULIP_RADIUS_MM = 5.0   # polyaxial screw head, behind the screw's entry in the lamina
@@ -246,15 +250,7 @@ def paint_spinal_rods(mat, grid, frames, dims, names) -> None:
                 sl = grid.bbox(np.array([p, q]), margin_mm=r_max + 1.0)
                 if sl is None:
                     continue
-                x, y, z = grid.coords(sl)
-                dvec = q - p
-                L2 = float(dvec @ dvec)
-                if L2 > 0:
-                    t = np.clip(((x - p[0]) * dvec[0] + (y - p[1]) * dvec[1] + (z - p[2]) * dvec[2]) / L2, 0, 1)
-                else:
-                    t = np.zeros((1, 1, 1), np.float32)
-                d2 = (x - p[0] - t * dvec[0]) ** 2 + (y - p[1] - t * dvec[1]) ** 2 + (z - p[2] - t * dvec[2]) ** 2
-                mat[sl][d2 <= r * r] = T["metal"]
+                mat[sl][_segment_dist2(grid.coords(sl), p, q) <= r * r] = T["metal"]
 
 
 def _sub(grid, fr, outer, ur, vr, wr):

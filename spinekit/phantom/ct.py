@@ -319,6 +319,7 @@ def generate_ct_phantom(config: CTPhantomConfig | None = None, progress: Progres
     geom = dict(spacing_mm=tuple(grid.spacing), origin_mm=tuple(grid.origin), direction=np.eye(3))
     probe_img = Image(np.zeros((1, 1, 1), np.uint8), **geom)
     level_truth: dict[str, dict] = {}
+    screwed = metal_levels(cfg.metal_level)
     for n in levels:
         vid, fr, d = VERSE_IDS[n], frames[n], dims[n]
         sl = geo[n]["bbox"]
@@ -351,7 +352,7 @@ def generate_ct_phantom(config: CTPhantomConfig | None = None, progress: Progres
             "center_lps_mm": fr.origin.tolist(),
             "axis_lateral": fr.lateral.tolist(), "axis_posterior": fr.posterior.tolist(),
             "axis_superior": fr.superior.tolist(),
-            "metal": n in metal_levels(cfg.metal_level),
+            "metal": n in screwed,
             "basivertebral_vein": bool(cfg.basivertebral_vein),
             "ribs": bool(cfg.include_ribs and n.startswith("T")),
         }
@@ -635,7 +636,7 @@ def metal_streaks_hu(metal: np.ndarray, spacing_mm, kev: float, strength: float 
     without metal-artifact reduction; `strength` scales it (scanners' corrections leave a part).
     Water's own beam hardening is taken as corrected, as scanners do. Computed per axial slice at
     a pixel of at least STREAK_PIXEL_MM and interpolated back (square pixels: the mean in-plane
-    spacing)."""
+    spacing); nothing is added on the metal itself."""
     from skimage.transform import iradon, radon
 
     zs = [int(z) for z in np.flatnonzero(metal.reshape(metal.shape[0], -1).any(axis=1))]
@@ -666,7 +667,8 @@ def metal_streaks_hu(metal: np.ndarray, spacing_mm, kev: float, strength: float 
         err = err[oy:oy + cy, ox:ox + cx] * (hu_per_mu_mm * strength)
         if step > 1:
             err = ndimage.zoom(err, step, order=1, mode="nearest")[:ny, :nx]
-        out[z] = err.astype(np.float32)
+        # (none on the metal itself: its true HU, ~10000, stays above the ceiling)
+        out[z] = np.where(metal[z], 0.0, err).astype(np.float32)
     return out
 
 
@@ -696,8 +698,8 @@ def _scanner(mat: np.ndarray, lut: np.ndarray, grid: Grid, cfg: CTPhantomConfig,
         for z0, ys, xs, patch in hu_patches:  # volume-averaged HU near the bone
             if z0 <= z < z0 + patch.shape[0]:
                 h[ys, xs] = patch[z - z0]
-        if z in streaks:  # (not on the metal: its true HU, ~10000, stays above the ceiling)
-            h += np.where(mat[z] == T["metal"], np.float32(0), streaks[z])
+        if z in streaks:
+            h += streaks[z]
         if cfg.noise_hu > 0:
             rng.standard_normal(out=noise, dtype=np.float32)
             noise *= white_sd

@@ -53,7 +53,7 @@ from ..errors import InputError
 from ..image import Image
 from ..masks import largest_component
 from ..progress import Progress, report
-from .base import LevelRecord, SegmentationResult
+from .base import LevelRecord, SegmentationResult, superior_axis
 
 MIN_WORKING_MM = 1.25     # finest working grid for coarse scans (grids whose voxel centres hold the scan's)
 MAX_WORKING_VOXELS = 40e6  # ... and its largest (a 160x160x180 torso at 3 mm on the 1.5 mm grid: 36.9e6, 17 s,
@@ -1603,14 +1603,6 @@ def _native_labels(segs, names, sacrum_seg, vert, bodies, grid, image, blood_fou
     return vert_full, bodies_full
 
 
-def _axial_axis(image: Image) -> tuple[int, bool]:
-    """The array axis [z, y, x] of an image closest to the patient's superior direction, and
-    whether its index grows superiorly."""
-    sup = image.direction[2, :]            # z (LPS superior) component of each index axis x, y, z
-    axis_xyz = int(np.argmax(np.abs(sup)))
-    return 2 - axis_xyz, bool(sup[axis_xyz] > 0)
-
-
 def _open_metal_slices(vert: np.ndarray, bodies: np.ndarray, sub: Image) -> None:
     """A screw's beam-hardening streaks lie in the axial slices that hold metal and lift thin
     rays of soft tissue and canal above the bone threshold, joined to the vertebra or beside it.
@@ -1624,7 +1616,7 @@ def _open_metal_slices(vert: np.ndarray, bodies: np.ndarray, sub: Image) -> None
     metal = (sub.array >= METAL_MIN_HU) & (vert > 0)
     if not metal.any():
         return
-    axis = _axial_axis(sub)[0]
+    axis = superior_axis(sub)[0]
     spacing_ax = sub.spacing_zyx_mm[axis]
     in_plane = [s for a, s in enumerate(sub.spacing_zyx_mm) if a != axis]
     r = [max(1, int(round(METAL_OPENING_MM / s))) for s in in_plane]
@@ -2317,7 +2309,8 @@ def _records(segs, vert, bodies, image, grid, confidence, uncertain):
     boxes = ndi.find_objects(vert)
     counts, bcounts = _label_counts(vert, boxes), _label_counts(bodies, ndi.find_objects(bodies))
     # Which native array axis/direction is superior: the truncation side follows from it.
-    axis_arr, up = _axial_axis(image)
+    axis_arr, sign = superior_axis(image)
+    up = sign > 0
     n_ax = vert.shape[axis_arr]
     out = []
     seen = set()
