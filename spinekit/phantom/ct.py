@@ -171,7 +171,9 @@ def metal_levels(spec: str | None) -> list[str]:
     if not spec:
         return []
     parts = str(spec).strip().upper().replace(":", "-").split("-")
-    return level_range(parts[0], parts[-1]) if len(parts) == 2 else level_range(parts[0], parts[0])
+    if len(parts) > 2:
+        raise InputError(f"metal level '{spec}' must be one level or a range such as L3-L4.")
+    return level_range(parts[0], parts[-1])
 
 
 def default_density_mg_cm3(name: str) -> float:
