@@ -525,8 +525,10 @@ def test_scoliotic_upper_thoracic_canal_is_tracked_where_it_is_seldom_enclosed()
     res = segment_builtin(ph.image)
     assert res.labels_uncertain
     d = _best_match_dice(res.vertebrae.array, ph.vertebrae.array)
-    assert min(d[lv.level_id(n)] for n in ("T5", "T6", "T7", "T8")) >= 0.92, d   # measured 0.929-0.967
-    assert d[lv.level_id("T4")] >= 0.85, d   # 0.897: the view's top vertebra (no T3 above it)
+    assert min(d[lv.level_id(n)] for n in ("T5", "T6", "T7", "T8")) >= 0.94, d   # measured 0.956-0.971
+    # The view's top vertebra: 0.897 while the narrow canal at the top went unfound (its pocket's
+    # smoothed mean over 50 HU, its core's 35 HU or less); 0.959 since.
+    assert d[lv.level_id("T4")] >= 0.93, d
 
 
 def _canal_column(pocket_hu: float, sp: float = 1.5):
