@@ -404,7 +404,7 @@ def _track_canal(hu, bone, body, sp):
     # 0.87 -> 0.93 on most lumbar phantoms, but 0.71-0.84 on 40-80 mg/cm3 ones, whose straight
     # track missed the sacrum's back).
     whole8, whole7 = rows8[rows8[:, 5] == 0], rows7[rows7[:, 5] == 0]
-    if len(whole8):
+    if len(whole8) and len(whole8) + len(whole7) < len(rows8) + len(rows7):   # (any found by core)
         z_low = min(_canal_chain(whole8, whole7, sp))
         rows8, rows7 = (r[(r[:, 5] == 0) | (r[:, 0] >= z_low)] for r in (rows8, rows7))
     win = max(3, int(round(40.0 / sp)) | 1)
