@@ -127,6 +127,11 @@ VESSEL_MIDLINE_MM = 8.0     # the aorta runs beside the midline: under VESSEL_MI
 VESSEL_MIDLINE_SHARE = 0.35  # lies this close to it (bodies straddle it) ...
 VESSEL_MIDLINE_DEPTH_MM = 30.0  # ... within this distance in front of the canal (the bodies' depth)
 VESSEL_MAX_AREA_MM2 = 700.0  # larger cross-sections are vessel merged with a body: kept
+TUBE_AXIS_SLICES = 7      # a vessel's axis in a tube: its lumen's deepest point, median over this many slices
+TUBE_AXIS_ON_VOX = 2.0    # ... the in-plane pieces of lumen within this many voxels of it are the vessel's
+TUBE_AXIS_MARGIN_VOX = 2.0  # ... and pieces of the lumen's HU within its radius and this far of it
+TUBE_AXIS_SUPPORT = 0.5   # a second vessel in the tube: pieces on its axis in this share of the slices
+TUBE_MAX_AXES = 3         # vessels looked for in one tube (the aorta and the IVC where they touch, and one more)
 VESSEL_LUMEN_MARGIN_HU = 20.0  # a lumen voxel is at most this much brighter than the tube's 99th centile
 VESSEL_MAX_IQR_HU = 60.0  # a contrast lumen is homogeneous (interquartile range ~10-30 HU with noise)
 BRANCH_MIN_LENGTH_MM = 15.0  # a contrast tube's branch (common iliac artery) runs at least this far ...
@@ -1429,25 +1434,31 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
                 lumen[1:] |= comp[1:] & opened[:-1]
                 lumen[:-1] |= comp[:-1] & opened[1:]
                 del opened
-                vessel_fc[o] |= lumen & good[:, None, None] & (h_fc[o] <= tube_max_hu)
-                del lumen
+                lumen &= good[:, None, None]
+                # A tube is round and moves little from slice to slice: in-plane pieces away from
+                # its axis (a body's marrow or blurred endplate of the lumen's HU, joined to the
+                # tube in another slice) are not this vessel, nor pieces beside it that are not of
+                # the lumen's HU (a body's blurred cortex or marrow). (One component can hold two
+                # vessels side by side, the aorta and the IVC where they touch: each has its axis.)
+                axes, on_axis, beside_axis = _tube_axes(lumen)
+                lumen &= on_axis | (beside_axis & _lumen_like_pieces(
+                    lumen, h_fc[o], *_core_hu_range(h_fc[o], comp & good[:, None, None])))
+                del on_axis, beside_axis
+                vessel_fc[o] |= lumen & (h_fc[o] <= tube_max_hu)
                 # Slices where the vessel has merged with a body (too big a cross-section): the
-                # tube's cross-section carried over from the clean slices around (centre and
-                # radius interpolated), so the body's own bone stays.
+                # vessels' cross-sections carried over from the clean slices around (a disc of
+                # each one's radius on its axis), so the body's own bone stays.
                 kz = np.nonzero(good)[0]
                 bad = np.nonzero(~good & (per_slice > 0))[0]
                 if kz.size >= 2 and bad.size:
-                    cen = np.array([np.argwhere(comp[k]).mean(axis=0) for k in kz])
-                    rad = np.full(kz.size, np.sqrt(ref_area / np.pi) / sp)
-                    yy_o = np.arange(o[1].start, o[1].stop)[:, None] - o[1].start
-                    xx_o = np.arange(o[2].start, o[2].stop)[None, :] - o[2].start
+                    yy_o = np.arange(o[1].stop - o[1].start)[:, None]
+                    xx_o = np.arange(o[2].stop - o[2].start)[None, :]
                     for k in bad:
-                        c_y = np.interp(k, kz, cen[:, 0])
-                        c_x = np.interp(k, kz, cen[:, 1])
-                        r_k = np.interp(k, kz, rad) + 0.5
-                        tube = (yy_o - c_y) ** 2 + (xx_o - c_x) ** 2 <= r_k ** 2
                         k_o = (o[0].start + k, o[1], o[2])
-                        vessel_fc[k_o] |= tube & cand[k_o] & (h_fc[k_o] < lumen_max_hu)
+                        for axis_y, axis_x, r_vox in axes:
+                            tube = (yy_o - axis_y[k]) ** 2 + (xx_o - axis_x[k]) ** 2 <= (r_vox + 0.5) ** 2
+                            vessel_fc[k_o] |= tube & cand[k_o] & (h_fc[k_o] < lumen_max_hu)
+                del lumen
     if vessel_fc.any():
         vessel_fc |= _vessel_branches(cand_full, vessel_fc, h_fc, dx_fc, lumen_min_hu, lumen_max_hu, sp)
         vessel_fc |= (ndi.binary_dilation(vessel_fc, structure=_SLICE, iterations=VESSEL_ERODE) & cand_full
@@ -1463,10 +1474,93 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
             # brighter than its grown neighbour, so it stops in the soft-tissue valley before a
             # body, and never over a voxel of lumen HU or brighter, so never across a cortex.
             # (The lumen counts as bone in the enclosure count: that count cannot guard it.)
-            lower = zone_fc & (h_fc < lumen_min_hu)
+            # Nor into marrow darker than bone that a bright ring encloses in-plane: a thin
+            # cortex blurred to the lumen's HU is no brighter than the lumen, so the growth
+            # crossed it into an osteoporotic body (arterial T5 at 43 mg/cm3, 0.7x0.7x3 mm:
+            # body 0.852 -> 0.920).
+            ring = h_fc > BONE_HU
+            lower = zone_fc & (h_fc < lumen_min_hu) & ~(ndi.binary_fill_holes(ring, structure=_SLICE) & ~ring)
+            del ring
             for _ in range(max(1, int(round(VESSEL_RIM_MM / sp)))):
                 vessel_fc |= lower & (h_fc <= ndi.maximum_filter(np.where(vessel_fc, h_fc, -np.inf), footprint=_SLICE))
     return vessel_fc, lumen_min_hu, lumen_max_hu
+
+
+def _tube_axes(lumen):
+    """The vessels in a tube's lumen mask (slices first), and which of its in-plane pieces are
+    theirs. Returns [(axis_y, axis_x, radius)] in voxels (axes per slice), the pieces on an axis
+    (within TUBE_AXIS_ON_VOX) and the pieces reaching within radius + TUBE_AXIS_MARGIN_VOX of
+    one. An axis is the deepest point of the lumen not yet given to an axis (farthest in-plane
+    from its outline), median-filtered over TUBE_AXIS_SLICES slices that hold some (one slice's
+    deepest point may lie in a piece that is not the vessel), interpolated over the slices
+    without; its radius, from the median in-plane area of the pieces on it. The first axis
+    always counts; a further one where pieces lie on it in at least TUBE_AXIS_SUPPORT of the
+    slices with lumen (a second vessel along the first, not marrow pieces here and there)."""
+    nz, ny, nx = lumen.shape
+    pieces, _ = ndi.label(lumen, structure=_SLICE)
+    area = np.bincount(pieces.ravel())
+    piece_z = np.array([sl[0].start for sl in ndi.find_objects(pieces)], int)
+    yy = np.arange(ny)[None, :, None]
+    xx = np.arange(nx)[None, None, :]
+    k_all = np.arange(nz)
+    with_lumen = lumen.any(axis=(1, 2)).sum()
+    axes = []
+    on_axis = np.zeros(area.size, bool)
+    beside = np.zeros(area.size, bool)
+    left = lumen.copy()
+    while left.any() and len(axes) < TUBE_MAX_AXES:
+        ks = np.nonzero(left.any(axis=(1, 2)))[0]
+        depth = ndi.distance_transform_edt(left, sampling=(1e3, 1.0, 1.0))   # in-plane only
+        ys, xs = np.unravel_index(depth[ks].reshape(ks.size, -1).argmax(axis=1), (ny, nx))
+        del depth
+        w = min(TUBE_AXIS_SLICES, ks.size if ks.size % 2 else ks.size - 1)
+        if w > 1:
+            ys = ndi.median_filter(ys.astype(float), size=w, mode="nearest")
+            xs = ndi.median_filter(xs.astype(float), size=w, mode="nearest")
+        axis_y, axis_x = np.interp(k_all, ks, ys), np.interp(k_all, ks, xs)
+        d2 = (yy - axis_y[:, None, None]) ** 2 + (xx - axis_x[:, None, None]) ** 2
+        on = np.unique(pieces[left & (d2 <= TUBE_AXIS_ON_VOX ** 2)])
+        on = on[on > 0]
+        per_slice = np.bincount(piece_z[on - 1], weights=area[on], minlength=nz)
+        if axes and (per_slice > 0).sum() < TUBE_AXIS_SUPPORT * with_lumen:
+            break
+        r_vox = float(np.sqrt(np.median(per_slice[per_slice > 0]) / np.pi)) if on.size else 1.0
+        axes.append((axis_y, axis_x, r_vox))
+        near = np.unique(pieces[left & (d2 <= (r_vox + TUBE_AXIS_MARGIN_VOX) ** 2)])
+        on_axis[on] = True
+        beside[near] = True
+        left &= ~beside[pieces]
+    on_axis[0] = beside[0] = False
+    return axes, on_axis[pieces], beside[pieces]
+
+
+def _core_hu_range(h, tube):
+    """HU range of a tube's lumen: its core (two in-plane steps in from its outline, so neither
+    the lumen's partial-volume rim nor a thin piece of a body's cortex or marrow joined to it),
+    Tukey-fenced, from the 1st to the 99th centile widened by VESSEL_LUMEN_MARGIN_HU."""
+    core = ndi.binary_erosion(tube, structure=_SLICE, iterations=2)
+    hu = h[core] if core.sum() >= 20 else h[tube]
+    q1, q3 = np.percentile(hu, [25, 75])
+    fence = 1.5 * (q3 - q1)
+    hu = hu[(hu >= q1 - fence) & (hu <= q3 + fence)]
+    return (float(np.percentile(hu, 1)) - VESSEL_LUMEN_MARGIN_HU,
+            float(np.percentile(hu, 99)) + VESSEL_LUMEN_MARGIN_HU)
+
+
+def _lumen_like_pieces(lumen, h, min_hu, max_hu):
+    """The in-plane pieces of a tube's lumen mask whose HU is the lumen's: median between min_hu
+    and max_hu and homogeneous (interquartile range under VESSEL_MAX_IQR_HU). A slice of a tube
+    can hold, beside the vessel's cross-section, pieces of a body's blurred cortex or low-density
+    marrow joined to it in the slices above or below: brighter than the lumen, or darker, or
+    mixed (the rim growth ran from them into the marrow)."""
+    lab, n = ndi.label(lumen, structure=_SLICE)
+    keep = np.zeros(n + 1, bool)
+    if n:
+        idx = np.arange(1, n + 1)
+        stats = ndi.labeled_comprehension(h, lab, idx, lambda v: np.percentile(v, [25, 50, 75]), object, None)
+        for i, (q1, med, q3) in zip(idx, stats):
+            keep[i] = min_hu <= med <= max_hu and q3 - q1 <= VESSEL_MAX_IQR_HU
+    return keep[lab]
 
 
 def _grow_rim(blood, zone, h, lumen_min_hu, lumen_max_hu, enc, sp):
