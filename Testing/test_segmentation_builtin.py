@@ -45,6 +45,15 @@ def _best_match_dice(pred: np.ndarray, truth: np.ndarray) -> dict[int, float]:
     return out
 
 
+def _unanchored_dice(ph) -> tuple[dict[int, float], dict[int, float]]:
+    """Segment a view with no anchor in it: the names must be flagged as a guess, so the levels
+    are matched by overlap. Returns best-match Dice per truth level, whole vertebrae and bodies."""
+    res = segment_builtin(ph.image)
+    assert res.labels_uncertain
+    return (_best_match_dice(res.vertebrae.array, ph.vertebrae.array),
+            _best_match_dice(res.bodies.array, ph.bodies.array))
+
+
 @pytest.fixture(scope="module")
 def lumbar_with_sacrum():
     ph = _phantom()
@@ -346,14 +355,10 @@ def test_low_density_bodies_beside_the_arterial_aorta_keep_their_marrow():
     # and the rim growth from it took 5,600 marrow voxels of L2 (L2 0.908 whole / 0.875 body, L3
     # 0.924 / 0.895). The tube's axis is its lumen's deepest point now, pieces off it or of
     # another HU are not the vessel: measured L2 0.969 / 0.970, L3 0.968 / 0.966.
-    # No anchor in view: the names are a flagged guess, so the levels are matched by overlap.
     ph = _phantom(first_level="L1", last_level="L4", spacing_mm=(0.9, 0.9, 1.25), noise_hu=6.6, scoliosis_mm=13.3,
                   lordosis_deg=36.1, kyphosis_deg=41.6, effective_kev=76.1, contrast_phase="arterial", seed=873,
                   densities_mg_cm3={"L1": 70, "L2": 76, "L3": 139, "L4": 206})
-    res = segment_builtin(ph.image)
-    assert res.labels_uncertain
-    whole = _best_match_dice(res.vertebrae.array, ph.vertebrae.array)
-    body = _best_match_dice(res.bodies.array, ph.bodies.array)
+    whole, body = _unanchored_dice(ph)
     assert min(whole.values()) >= 0.95, whole
     assert min(body.values()) >= 0.95, body
 
@@ -365,15 +370,11 @@ def test_lumen_rim_growth_stops_at_a_thin_cortex_around_osteoporotic_marrow():
     # crossed it into the dark marrow: a fifth of T5's body went with the aorta (0.810 body).
     # Marrow darker than bone inside a bright ring is not grown over now: measured T5 0.922 /
     # 0.920 (whole / body), the other levels 0.923-0.951 / 0.915-0.943.
-    # No anchor in view: the names are a flagged guess, so the levels are matched by overlap.
     ph = _phantom(first_level="T5", last_level="T10", spacing_mm=(0.7, 0.7, 3.0), noise_hu=21.8, scoliosis_mm=7.3,
                   lordosis_deg=23.9, kyphosis_deg=18.6, effective_kev=72.1, contrast_phase="arterial", seed=439,
                   fractures={"T8": ("crush", 2)},
                   densities_mg_cm3={"T5": 43, "T6": 95, "T7": 143, "T8": 161, "T9": 105, "T10": 154})
-    res = segment_builtin(ph.image)
-    assert res.labels_uncertain
-    whole = _best_match_dice(res.vertebrae.array, ph.vertebrae.array)
-    body = _best_match_dice(res.bodies.array, ph.bodies.array)
+    whole, body = _unanchored_dice(ph)
     assert min(whole.values()) >= 0.91, whole
     assert min(body.values()) >= 0.9, body
 
@@ -667,14 +668,10 @@ def test_narrow_upper_thoracic_canal_is_tracked_to_the_top_of_a_kyphotic_view():
     # canal pocket found in the top 25 mm (the test above), the track held its last value there,
     # 6 mm behind the canal as the kyphosis brings it forward, and T4's body took its pedicle roots:
     # T4 0.910 whole / 0.895 body before; measured 0.943 / 0.958 since, the other levels >= 0.927.
-    # No anchor in view: the names are a flagged guess, so the levels are matched by overlap.
     ph = _phantom(first_level="T4", last_level="T7", spacing_mm=(1.5, 1.5, 1.25), noise_hu=19.8, scoliosis_mm=5.6,
                   lordosis_deg=27.4, kyphosis_deg=36.0, effective_kev=62.2, contrast_phase="arterial", seed=478,
                   densities_mg_cm3={"T4": 127, "T5": 172, "T6": 49, "T7": 154})
-    res = segment_builtin(ph.image)
-    assert res.labels_uncertain
-    whole = _best_match_dice(res.vertebrae.array, ph.vertebrae.array)
-    body = _best_match_dice(res.bodies.array, ph.bodies.array)
+    whole, body = _unanchored_dice(ph)
     assert min(whole.values()) >= 0.92, whole
     assert min(body.values()) >= 0.92, body
     assert body[lv.level_id("T4")] >= 0.94, body
