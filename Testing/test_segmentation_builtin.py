@@ -306,7 +306,11 @@ def test_tube_axes_and_lumen_pieces_ignore_what_joins_the_tube_in_another_slice(
     # move it. A second vessel joined to the first (the IVC beside the aorta) has pieces on its
     # axis in most slices and is kept; pieces here and there are not a vessel. Pieces are the
     # lumen's only when their HU is (median within its range, homogeneous).
-    from spinekit.segmentation.builtin import _lumen_like_pieces, _tube_axes
+    from spinekit.segmentation.builtin import _SLICE, _lumen_like_pieces, _tube_axes
+
+    def axes_on_beside(lumen):
+        axes, pieces, on_axis, beside = _tube_axes(lumen)
+        return axes, on_axis[pieces], beside[pieces]
 
     yy, xx = np.mgrid[0:60, 0:60]
     aorta = (yy - 20) ** 2 + (xx - 15) ** 2 <= 6 ** 2
@@ -316,7 +320,7 @@ def test_tube_axes_and_lumen_pieces_ignore_what_joins_the_tube_in_another_slice(
     lumen[:] = aorta | ivc
     lumen[9] |= marrow                                               # deeper than the aorta, one slice
     lumen[3:6] = False                                               # slices without lumen
-    axes, on_axis, beside = _tube_axes(lumen)
+    axes, on_axis, beside = axes_on_beside(lumen)
     assert len(axes) == 2
     (ay, ax, ar), (iy, ix, ir) = axes
     assert np.allclose(ay, 20.0) and np.allclose(ax, 15.0) and abs(ar - 6.0) < 0.6
@@ -325,10 +329,10 @@ def test_tube_axes_and_lumen_pieces_ignore_what_joins_the_tube_in_another_slice(
     assert not on_axis[9][marrow].any() and not beside[9][marrow].any()
     lumen[:, ivc] = False
     lumen[2, ivc] = True                                             # a piece in one slice only
-    axes, on_axis, beside = _tube_axes(lumen)
+    axes, on_axis, beside = axes_on_beside(lumen)
     assert len(axes) == 1 and not beside[2][ivc].any()
     lumen[7, 26, 19] = True                                          # a fragment beside the aorta
-    axes, on_axis, beside = _tube_axes(lumen)
+    axes, on_axis, beside = axes_on_beside(lumen)
     assert beside[7, 26, 19] and not on_axis[7, 26, 19]
 
     rng = np.random.default_rng(0)
@@ -342,7 +346,8 @@ def test_tube_axes_and_lumen_pieces_ignore_what_joins_the_tube_in_another_slice(
     h[0][mixed] = np.where(xx[mixed] < 45, 150.0, 450.0)
     h[0][split] = 300.0
     lumen = (aorta | bright | marrow | mixed | split)[None]
-    kept = _lumen_like_pieces(lumen, h, 280.0, 340.0)[0]
+    pieces, _ = ndi.label(lumen, structure=_SLICE)
+    kept = _lumen_like_pieces(pieces, h, 280.0, 340.0)[pieces][0]
     assert kept[aorta].all() and kept[split].all()
     assert not (kept & (bright | marrow | mixed)).any()
 

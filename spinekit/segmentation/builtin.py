@@ -1407,12 +1407,9 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
                 # taken out with L5's posterior wall while they were taken as vessels).
                 if q3 - q1 > VESSEL_MAX_IQR_HU:
                     continue
-                # (Tukey's fences drop the few marrow / cortex voxels the tube takes in)
-                fence = 1.5 * (q3 - q1)
-                lumen_hu = lumen_hu[(lumen_hu >= q1 - fence) & (lumen_hu <= q3 + fence)]
-                tube_max_hu = float(np.percentile(lumen_hu, 99)) + VESSEL_LUMEN_MARGIN_HU
+                tube_min_hu, tube_max_hu = _lumen_hu_range(lumen_hu)
                 lumen_max_hu = max(lumen_max_hu, tube_max_hu)
-                lumen_min_hu = min(lumen_min_hu, float(np.percentile(lumen_hu, 1)) - VESSEL_LUMEN_MARGIN_HU)
+                lumen_min_hu = min(lumen_min_hu, tube_min_hu)
                 del lumen_hu
                 # (not the voxels brighter than the lumen: where the cortex of a body next to the
                 # tube is dim (low-density bone at high keV) its flanks join the band and the tube,
@@ -1440,17 +1437,16 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
                 # tube in another slice) are not this vessel, nor pieces beside it that are not of
                 # the lumen's HU (a body's blurred cortex or marrow). (One component can hold two
                 # vessels side by side, the aorta and the IVC where they touch: each has its axis.)
-                axes, on_axis, beside_axis = _tube_axes(lumen)
-                lumen &= on_axis | (beside_axis & _lumen_like_pieces(
-                    lumen, h_fc[o], *_core_hu_range(h_fc[o], comp & good[:, None, None])))
-                del on_axis, beside_axis
+                axes, pieces, on_axis, beside_axis = _tube_axes(lumen)
+                lumen_like = _lumen_like_pieces(pieces, h_fc[o], *_core_hu_range(h_fc[o], comp & good[:, None, None]))
+                lumen = (on_axis | (beside_axis & lumen_like))[pieces]
+                del pieces
                 vessel_fc[o] |= lumen & (h_fc[o] <= tube_max_hu)
                 # Slices where the vessel has merged with a body (too big a cross-section): the
                 # vessels' cross-sections carried over from the clean slices around (a disc of
                 # each one's radius on its axis), so the body's own bone stays.
-                kz = np.nonzero(good)[0]
                 bad = np.nonzero(~good & (per_slice > 0))[0]
-                if kz.size >= 2 and bad.size:
+                if good.sum() >= 2 and bad.size:
                     yy_o = np.arange(o[1].stop - o[1].start)[:, None]
                     xx_o = np.arange(o[2].stop - o[2].start)[None, :]
                     for k in bad:
@@ -1488,9 +1484,9 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
 
 def _tube_axes(lumen):
     """The vessels in a tube's lumen mask (slices first), and which of its in-plane pieces are
-    theirs. Returns [(axis_y, axis_x, radius)] in voxels (axes per slice), the pieces on an axis
-    (within TUBE_AXIS_ON_VOX) and the pieces reaching within radius + TUBE_AXIS_MARGIN_VOX of
-    one. An axis is the deepest point of the lumen not yet given to an axis (farthest in-plane
+    theirs. Returns [(axis_y, axis_x, radius)] in voxels (axes per slice), the in-plane pieces
+    (labels, 0 outside), and per label whether it lies on an axis (within TUBE_AXIS_ON_VOX) and
+    whether it reaches within radius + TUBE_AXIS_MARGIN_VOX of one. An axis is the deepest point of the lumen not yet given to an axis (farthest in-plane
     from its outline), median-filtered over TUBE_AXIS_SLICES slices that hold some (one slice's
     deepest point may lie in a piece that is not the vessel), interpolated over the slices
     without; its radius, from the median in-plane area of the pieces on it. The first axis
@@ -1531,15 +1527,12 @@ def _tube_axes(lumen):
         beside[near] = True
         left &= ~beside[pieces]
     on_axis[0] = beside[0] = False
-    return axes, on_axis[pieces], beside[pieces]
+    return axes, pieces, on_axis, beside
 
 
-def _core_hu_range(h, tube):
-    """HU range of a tube's lumen: its core (two in-plane steps in from its outline, so neither
-    the lumen's partial-volume rim nor a thin piece of a body's cortex or marrow joined to it),
-    Tukey-fenced, from the 1st to the 99th centile widened by VESSEL_LUMEN_MARGIN_HU."""
-    core = ndi.binary_erosion(tube, structure=_SLICE, iterations=2)
-    hu = h[core] if core.sum() >= 20 else h[tube]
+def _lumen_hu_range(hu):
+    """HU range of a lumen from its voxels' HU: Tukey-fenced (the few marrow / cortex voxels a
+    tube takes in drop out), from the 1st to the 99th centile widened by VESSEL_LUMEN_MARGIN_HU."""
     q1, q3 = np.percentile(hu, [25, 75])
     fence = 1.5 * (q3 - q1)
     hu = hu[(hu >= q1 - fence) & (hu <= q3 + fence)]
@@ -1547,20 +1540,28 @@ def _core_hu_range(h, tube):
             float(np.percentile(hu, 99)) + VESSEL_LUMEN_MARGIN_HU)
 
 
-def _lumen_like_pieces(lumen, h, min_hu, max_hu):
-    """The in-plane pieces of a tube's lumen mask whose HU is the lumen's: median between min_hu
-    and max_hu and homogeneous (interquartile range under VESSEL_MAX_IQR_HU). A slice of a tube
-    can hold, beside the vessel's cross-section, pieces of a body's blurred cortex or low-density
-    marrow joined to it in the slices above or below: brighter than the lumen, or darker, or
-    mixed (the rim growth ran from them into the marrow)."""
-    lab, n = ndi.label(lumen, structure=_SLICE)
+def _core_hu_range(h, tube):
+    """HU range of a tube's lumen from its core: two in-plane steps in from its outline, so
+    neither the lumen's partial-volume rim nor a thin piece of a body's cortex or marrow joined
+    to it (the whole tube where the core is under 20 voxels)."""
+    core = ndi.binary_erosion(tube, structure=_SLICE, iterations=2)
+    return _lumen_hu_range(h[core] if core.sum() >= 20 else h[tube])
+
+
+def _lumen_like_pieces(pieces, h, min_hu, max_hu):
+    """Per label of a tube's in-plane lumen pieces (`pieces`, 0 outside): whether its HU is the
+    lumen's, median between min_hu and max_hu and homogeneous (interquartile range under
+    VESSEL_MAX_IQR_HU). A slice of a tube can hold, beside the vessel's cross-section, pieces of a
+    body's blurred cortex or low-density marrow joined to it in the slices above or below:
+    brighter than the lumen, or darker, or mixed (the rim growth ran from them into the marrow)."""
+    n = int(pieces.max())
     keep = np.zeros(n + 1, bool)
     if n:
         idx = np.arange(1, n + 1)
-        stats = ndi.labeled_comprehension(h, lab, idx, lambda v: np.percentile(v, [25, 50, 75]), object, None)
+        stats = ndi.labeled_comprehension(h, pieces, idx, lambda v: np.percentile(v, [25, 50, 75]), object, None)
         for i, (q1, med, q3) in zip(idx, stats):
             keep[i] = min_hu <= med <= max_hu and q3 - q1 <= VESSEL_MAX_IQR_HU
-    return keep[lab]
+    return keep
 
 
 def _grow_rim(blood, zone, h, lumen_min_hu, lumen_max_hu, enc, sp):
