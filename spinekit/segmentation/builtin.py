@@ -52,8 +52,9 @@ from .. import levels as lv
 from ..errors import InputError
 from ..image import Image
 from ..masks import largest_component
-from ..progress import Progress, report
+from ..progress import Progress, report, scaled
 from .base import LevelRecord, SegmentationResult, superior_axis
+from .metal import METAL_MIN_HU, reduce_metal_streaks
 
 MIN_WORKING_MM = 1.25     # finest working grid for coarse scans (grids whose voxel centres hold the scan's)
 MAX_WORKING_VOXELS = 40e6  # ... and its largest (a 160x160x180 torso at 3 mm on the 1.5 mm grid: 36.9e6, 17 s,
@@ -74,8 +75,6 @@ EDGE_PROFILE_MIN_MM = 1.5    # share of its inward neighbour: past the cortex's 
 #                              CT up to 0.007 per level, L5 0.858 -> 0.851)
 FRAGMENT_GAP_MM = 6.0    # a piece of a label this far from its main part is not that vertebra ...
 FRAGMENT_MAX_SHARE = 0.1  # ... when under this share of its size
-METAL_MIN_HU = 3000.0     # metal: at the 12-bit ceiling (3071). Dense cortical bone reaches ~2400 HU
-#                           at 50 keV (xraylib), a thin spinal cortex far less; contrast less still
 METAL_OPENING_MM = 1.0    # in-plane opening of the labels in slices holding metal (streak rays)
 METAL_PIECE_REACH_MM = 10.0  # half the slices of a tilted screw pair (19 mm in a lordotic L5)
 EDGE_HU = 200.0          # outline voxels darker than this are partial-volume soft tissue
@@ -999,7 +998,10 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     fewer than ``min_levels`` vertebrae) is found.
     """
     _check_ct(image)
-    report(progress, 0.0, "builtin: resampling")
+    # Screws' streaks lift soft tissue above the bone threshold; every step below sees them reduced.
+    report(progress, 0.0, "builtin: metal streaks")
+    image = reduce_metal_streaks(image, scaled(progress, 0.0, 0.05))
+    report(progress, 0.05, "builtin: resampling")
     native_min = float(min(image.spacing_mm))
     sp = _working_spacing(image)
     grid = _working_grid(image, sp)
