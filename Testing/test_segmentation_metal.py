@@ -50,12 +50,16 @@ def test_the_ct_keeps_its_metal_and_is_untouched_where_no_slice_holds_metal():
     _, streaked, metal = _screw_pair_slice()
     volume = np.repeat(np.rint(streaked)[None], 4, axis=0).astype(np.int16)
     volume[2:] = np.rint(ndi.gaussian_filter(np.where(metal, 40.0, streaked), 0.5)).astype(np.int16)
+    # an extended HU scale (metal above 3071) and padding outside the scanned circle stay as they are
+    volume[0][volume[0] >= METAL_MIN_HU] += 400
+    volume[:, :3, :3] = -3024
     image = Image(volume, (1.0, 1.0, 2.0))
     out = reduce_metal_streaks(image)
     assert out.array.dtype == np.int16 and out.spacing_mm == image.spacing_mm
     assert np.array_equal(out.array[2:], volume[2:])            # slices without metal
     assert np.array_equal(out.array[:2][volume[:2] >= METAL_MIN_HU], volume[:2][volume[:2] >= METAL_MIN_HU])
     assert not np.array_equal(out.array[:2], volume[:2])
+    assert (out.array[0] > 3071).any() and (out.array[:, :3, :3] == -3024).all()
     assert not np.shares_memory(out.array, volume)               # the input is not changed
     # without metal the CT is returned as it is
     plain = Image(volume[2:].copy(), (1.0, 1.0, 2.0))

@@ -1275,7 +1275,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         vert[crop] = np.where(ws > 0, ws, vert[crop])
         del ws
     del elev
-    rib_bone = _give_rib_heads_back(segs, vert, bodies, ribs, box, _lateral_mm(vert, frames, dx, sp), dy, sp)
+    rib_bone = _give_rib_heads_back(segs, vert, bodies, ribs, box, dx, dy, frames, sp)
     del dy, ribs
     sacrum_seg = _find_sacrum(segs, vert, dx, anterior)
     # (how far above the scan's caudal end each body's top, where rib heads articulate, lies)
@@ -2019,15 +2019,16 @@ def _lateral_mm(vert, frames, dx, sp) -> np.ndarray:
     return out
 
 
-def _give_rib_heads_back(segs, vert, bodies, ribs, box, adx, dy, sp) -> np.ndarray:
+def _give_rib_heads_back(segs, vert, bodies, ribs, box, dx, dy, frames, sp) -> np.ndarray:
     """Rib heads and necks inside the column box belong to the ribs (in place): thoracic
     vertebrae (the rib-bearing ones and all above them, rib stubs included) are narrower than the
-    box, their transverse processes end about 30 mm from the midline. `adx`: each voxel's
-    distance sideways of its vertebra's axis (_lateral_mm). Returns the rib bone: the ribs found
-    outside the box and what was taken from the column."""
+    box, their transverse processes end about 30 mm from the midline (sideways as _lateral_mm
+    measures it). Returns the rib bone: the ribs found outside the box and what was taken from
+    the column."""
     any_rib_idx = [i for i, sg in enumerate(segs) if sg.rib_bearing]
     if not any_rib_idx:
         return ribs
+    adx = _lateral_mm(vert, frames, dx, sp)
     in_body = bodies > 0
     is_thoracic = np.zeros(256, bool)
     for sg in segs[any_rib_idx[0]:]:

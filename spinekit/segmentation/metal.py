@@ -78,8 +78,11 @@ def reduce_metal_streaks(image: Image, progress: Optional[Progress] = None) -> I
         futures = [pool.submit(lambda z: slice_streaks_hu(hu[z].astype(np.float32), pixel_mm), z) for z in zs]
         try:
             for i, (z, future) in enumerate(zip(zs, futures)):
-                streaks_hu = future.result()
-                out[z] = np.clip(np.rint(hu[z] - streaks_hu), -1024, 3071).astype(hu.dtype)
+                corrected = hu[z] - np.rint(future.result())
+                if np.issubdtype(hu.dtype, np.integer):   # (the scan's own scale: no clip at 3071)
+                    info = np.iinfo(hu.dtype)
+                    corrected = np.clip(corrected, info.min, info.max)
+                out[z] = corrected.astype(hu.dtype)
                 report(progress, (i + 1) / zs.size, f"metal streaks: slice {i + 1} of {zs.size}")
         except BaseException:   # (a cancelled run: the slices not started are dropped)
             for future in futures:
