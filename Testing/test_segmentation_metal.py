@@ -17,17 +17,17 @@ from spinekit.phantom.ct import metal_streaks_hu
 from spinekit.segmentation.metal import METAL_MIN_HU, reduce_metal_streaks, slice_streaks_hu
 
 
-def _screw_pair_slice(pixel_mm: float = 1.0, shape=(160, 200)):
-    """(clean HU, HU with streaks, metal mask): a water torso with a vertebral body and two screws
-    of 3 mm radius, blurred like a scanner's image."""
-    yy, xx = np.mgrid[:shape[0], :shape[1]]
-    clean = np.full(shape, -1000.0, np.float32)
+def _screw_pair_slice():
+    """(clean HU, HU with streaks, metal mask) at 1 mm pixels: a water torso with a vertebral body
+    and two screws of 3 mm radius, blurred like a scanner's image."""
+    yy, xx = np.mgrid[:160, :200]
+    clean = np.full(yy.shape, -1000.0, np.float32)
     clean[((yy - 80) / 70.0) ** 2 + ((xx - 100) / 90.0) ** 2 < 1] = 40.0
     clean[((yy - 70) / 18.0) ** 2 + ((xx - 100) / 22.0) ** 2 < 1] = 250.0
-    metal = np.zeros(shape, bool)
+    metal = np.zeros(yy.shape, bool)
     for x0 in (88, 112):
         metal |= (yy - 95) ** 2 + (xx - x0) ** 2 <= 9
-    streaks = metal_streaks_hu(metal[None], (pixel_mm, pixel_mm, 1.0), 70.0, 1.0)[0]
+    streaks = metal_streaks_hu(metal[None], (1.0, 1.0, 1.0), 70.0, 1.0)[0]
     streaked = np.clip(np.where(metal, 3071.0, clean + streaks), -1024, 3071)
     clean = ndi.gaussian_filter(np.where(metal, 3071.0, clean), 0.5)
     return clean, ndi.gaussian_filter(streaked, 0.5).astype(np.float32), metal

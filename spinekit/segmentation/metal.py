@@ -210,9 +210,8 @@ def slice_streaks_hu(hu: np.ndarray, pixel_mm: float) -> np.ndarray:
     # interpolated to the native pixels.
     filtered = _ramp_filtered(diff)
     reach = int(np.ceil(MAR_REACH_MM / (pixel_mm * step)))
-    wy, wx = my.min(), mx.min()
-    rows = np.arange(max(wy - reach, 0), min(my.max() + reach + 1, cy))
-    cols = np.arange(max(wx - reach, 0), min(mx.max() + reach + 1, cx))
+    rows = np.arange(max(my.min() - reach, 0), min(my.max() + reach + 1, cy))
+    cols = np.arange(max(mx.min() - reach, 0), min(mx.max() + reach + 1, cx))
     bins = np.arange(n_bins, dtype=float) - half_bins
     acc = np.zeros((rows.size, cols.size))
     for a, th in enumerate(theta):
