@@ -1256,7 +1256,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
 
     # --- anchors -----------------------------------------------------------------------------
     report(progress, 0.8, "builtin: naming levels")
-    frames = _body_frames(segs, bodies)   # (one pass over the bodies for both rib counts)
+    frames = _body_frames(segs, bodies, planes)   # (one pass over the bodies for both rib counts)
     ribs = _find_ribs(segs, vert, frames, bone, box, dx, sp)
     _find_rib_stubs(segs, vert, frames, dx, dy, sp)
     # Thoracic laminae and spinous processes slope caudally and overlap the vertebra below like
@@ -2151,12 +2151,16 @@ def _drop_rib_spurs(vert, bodies, is_thoracic, rib_taken, zone, beside, sp):
     vert[crop][touching(near)] = 0
 
 
-def _body_frames(segs, bodies) -> dict[int, tuple[np.ndarray, np.ndarray, float]]:
+def _body_frames(segs, bodies, planes) -> dict[int, tuple[np.ndarray, np.ndarray, float]]:
     """Per working label with a body: its centroid (z, y, x, working voxels), its superior axis
-    (the principal axis of the body's voxels nearest the slice axis: a scoliotic vertebra is
-    tilted in the coronal plane too) and its half-height along that axis (voxels; a uniform
-    slab's, from the variance). One pass of moment sums over the body voxels. A body cut by the
-    view's first or last slice takes the axis of the whole body nearest to it."""
+    and its half-height along that axis (voxels; a uniform slab's, from the variance). The axis
+    is the mean normal of the disc planes that bound the body (`planes`, _disc_planes: tilted
+    with the discs, sagittally and sideways), not the body's principal axis: a thoracic body is
+    about as tall as it is deep, so its moments hardly tell the axes apart (phantom sweep, 530
+    bodies against the truth: principal axis median 7.9 deg off, 104 over 15 deg, up to 55 deg
+    at 2x2x3 mm; disc normals median 1.6 deg, all within 14 deg). A lone body with no disc in
+    view keeps its principal axis nearest the slice axis. One pass of moment sums over the body
+    voxels."""
     idx = np.nonzero(bodies)
     lab = bodies[idx]
     pts = [c.astype(float) for c in idx]
@@ -2165,13 +2169,7 @@ def _body_frames(segs, bodies) -> dict[int, tuple[np.ndarray, np.ndarray, float]
     second = {(a, b): np.bincount(lab, weights=pts[a] * pts[b], minlength=256)
               for a in range(3) for b in range(a, 3)}
     del idx, lab, pts
-    # A body cut by the view's end has no shape to take an axis from: it takes its
-    # neighbour's (real case: a caudal L1 cut by the view leaned 21 deg and took T12's rib).
-    ends = np.zeros(256, bool)
-    ends[np.unique(bodies[0])] = True
-    ends[np.unique(bodies[-1])] = True
-    frames = {}
-    covs = {}
+    out = {}
     for sg in segs:
         n = counts[sg.label]
         if n < 10:
@@ -2180,17 +2178,19 @@ def _body_frames(segs, bodies) -> dict[int, tuple[np.ndarray, np.ndarray, float]
         cov = np.empty((3, 3))
         for (a, b), m in second.items():
             cov[a, b] = cov[b, a] = m[sg.label] / n - mean[a] * mean[b]
-        axes = np.linalg.eigh(cov)[1]
-        up = axes[:, int(np.argmax(np.abs(axes[0])))]
-        frames[sg.label] = (mean, up if up[0] > 0 else -up)
-        covs[sg.label] = cov
-    whole = [k for k in frames if not ends[k]]
-    for k in [k for k in frames if ends[k]]:
-        c = frames[k][0]
-        near = min(whole, key=lambda j: abs(frames[j][0][0] - c[0])) if whole else None
-        frames[k] = (c, frames[near][1] if near is not None else np.array([1.0, 0.0, 0.0]))
-    # (var = h^2 / 12 for a uniform slab of height h)
-    return {k: (c, u, 0.5 * float(np.sqrt(max(12.0 * (u @ covs[k] @ u), 0.0)))) for k, (c, u) in frames.items()}
+        # (segment i lies between disc planes i - 1 and i)
+        i = int(sg.s_lo)
+        normals = [planes[j][1] * np.sign(planes[j][1][0]) for j in (i - 1, i) if 0 <= j < len(planes)]
+        if normals:
+            up = np.sum(normals, axis=0)
+            up = up / np.linalg.norm(up)
+        else:
+            axes = np.linalg.eigh(cov)[1]
+            up = axes[:, int(np.argmax(np.abs(axes[0])))]
+            up = up if up[0] > 0 else -up
+        # (var = h^2 / 12 for a uniform slab of height h)
+        out[sg.label] = (mean, up, 0.5 * float(np.sqrt(max(12.0 * (up @ cov @ up), 0.0))))
+    return out
 
 
 def _rib_rooms(frames):
