@@ -79,6 +79,7 @@ FRAGMENT_GAP_MM = 6.0    # a piece of a label this far from its main part is not
 FRAGMENT_MAX_SHARE = 0.1  # ... when under this share of its size
 METAL_OPENING_MM = 1.0    # in-plane opening of the labels in slices holding metal (streak rays)
 METAL_PIECE_REACH_MM = 10.0  # half the slices of a tilted screw pair (19 mm in a lordotic L5)
+CANAL_FILL_MIN_MM2 = 20.0  # a streak-filled canal in a metal slice (a lumbar canal is ~250 mm2)
 HARDWARE_MIN_HU = 2000.0  # metal's partial-volume rim (cortex stays under it)
 HARDWARE_REACH_MM = 6.0   # metal is hardware, not vertebra, when within this radius around it
 HARDWARE_BONE_SHARE = 0.3  # under this share of the non-metal voxels is labelled bone
@@ -1762,6 +1763,7 @@ def _open_metal_slices(vert: np.ndarray, bodies: np.ndarray, sub: Image) -> None
     yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1]
     disc = np.expand_dims((yy / r[0]) ** 2 + (xx / r[1]) ** 2 <= 1.0, axis)
     in_plane8 = np.moveaxis(_SLICE8, 0, axis)
+    in_plane4 = np.moveaxis(_SLICE, 0, axis)
     has_metal = np.moveaxis(metal, axis, 0).reshape(metal.shape[axis], -1).any(axis=1)
     clean = np.flatnonzero(~has_metal)
 
@@ -1783,6 +1785,21 @@ def _open_metal_slices(vert: np.ndarray, bodies: np.ndarray, sub: Image) -> None
                 beyond |= vert[plane(c)] > 0
             good = np.unique(pieces[(metal[idx] | beyond) & kept])
             kept &= np.isin(pieces, good[good > 0])
+        if near:
+            # The streaks can lift a whole canal above the bone threshold between converging
+            # screws (L3-L4 construct at 0.8x0.8x2.5 mm: +550 HU, 330 of its 413 voxels taken):
+            # labelled here, left out in the metal-free slices beside, and enclosed by this
+            # slice's own ring, it is no bone.
+            outside = ~metal[idx]
+            for c in near:
+                outside &= vert[plane(c)] == 0
+            fill = kept & outside
+            rest = kept & ~fill
+            fill &= ndi.binary_fill_holes(rest, structure=in_plane4)
+            fl, fn = ndi.label(fill, structure=in_plane4)
+            if fn:
+                area_mm2 = np.bincount(fl.ravel())[1:] * float(np.prod(in_plane))
+                kept &= ~np.isin(fl, 1 + np.flatnonzero(area_mm2 >= CANAL_FILL_MIN_MM2))
         kept |= metal[idx]
         v[~kept] = 0
         bodies[idx][~kept] = 0
