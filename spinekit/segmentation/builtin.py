@@ -1821,13 +1821,13 @@ def _hardware(metal: np.ndarray, vert: np.ndarray, sub: Image) -> np.ndarray:
     box = tuple(slice(max(0, o.start - k), o.stop + k)
                 for o, k in zip(ndi.find_objects(metal.astype(np.uint8))[0], n))
     pieces, _ = ndi.label(dense[box])
-    joined = np.isin(pieces, np.unique(pieces[metal[box]]))
-    joined[pieces == 0] = False
-    grid = np.ogrid[tuple(slice(-k, k + 1) for k in n)]
-    ball = (sum((g * s) ** 2 for g, s in zip(grid, sp)) <= HARDWARE_REACH_MM ** 2).astype(np.float32)
+    joined = np.isin(pieces, np.unique(pieces[metal[box]]))   # (metal is dense: no label 0)
+    offsets = np.ogrid[tuple(slice(-k, k + 1) for k in n)]
+    ball = (sum((o * s) ** 2 for o, s in zip(offsets, sp)) <= HARDWARE_REACH_MM ** 2).astype(np.float32)
     soft = ~dense[box]
     bone = ((vert[box] > 0) & soft).astype(np.float32)
-    share = fftconvolve(bone, ball, mode="same") / np.maximum(fftconvolve(soft.astype(np.float32), ball, mode="same"), 1.0)
+    share = (fftconvolve(bone, ball, mode="same")
+             / np.maximum(fftconvolve(soft.astype(np.float32), ball, mode="same"), 1.0))
     out = np.zeros_like(metal)
     out[box] = joined & (vert[box] > 0) & (share < HARDWARE_BONE_SHARE)
     return out
@@ -2216,9 +2216,10 @@ def _body_frames(segs, bodies, planes) -> dict[int, tuple[np.ndarray, np.ndarray
     with the discs, sagittally and sideways), not the body's principal axis: a thoracic body is
     about as tall as it is deep, so its moments hardly tell the axes apart (phantom sweep, 530
     bodies against the truth: principal axis median 7.9 deg off, 104 over 15 deg, up to 55 deg
-    at 2x2x3 mm; disc normals median 1.6 deg, all within 14 deg). A lone body with no disc in
-    view keeps its principal axis nearest the slice axis. One pass of moment sums over the body
-    voxels."""
+    at 2x2x3 mm; disc normals median 1.6 deg, all within 14 deg). A body cut by the view's end
+    has the disc on its other side (its moments say little: a real caudal L1 cut by the view
+    leaned 21 deg by them and took T12's rib). A lone body with no disc in view keeps its
+    principal axis nearest the slice axis. One pass of moment sums over the body voxels."""
     idx = np.nonzero(bodies)
     lab = bodies[idx]
     pts = [c.astype(float) for c in idx]
