@@ -999,9 +999,10 @@ def test_screw_and_rod_construct_is_named_and_its_bodies_outlined(rod_construct)
 
 def test_screw_and_rod_construct_whole_vertebrae_reach_the_target(rod_construct):
     # Measured: L3 / L4 0.914 / 0.922; 0.903 / 0.910 with the rods and screw heads labelled as
-    # vertebra and streak-filled canals kept; 0.884 / 0.893 before the streaks were reduced as well (the streaks lifted psoas
-    # beside the screwed bodies above the bone threshold, and with metal in every slice between
-    # the screws no metal-free slice tells a streak ray from a process).
+    # vertebra and streak-filled canals kept; 0.884 / 0.893 before the streaks were reduced as
+    # well (the streaks lifted psoas beside the screwed bodies above the bone threshold, and with
+    # metal in every slice between the screws no metal-free slice tells a streak ray from a
+    # process).
     ph, res = rod_construct
     for name in ("L3", "L4"):
         vid = lv.level_id(name)
