@@ -502,6 +502,50 @@ def test_noisy_portal_venous_aorta_is_found_as_a_tube():
     assert int((res.vertebrae.array[aorta] > 0).sum()) < 800     # measured 244
 
 
+def test_a_tube_is_carried_on_where_a_pool_hides_it():
+    # A vessel found as a tube in slices 0-9 (axis at y 20, x 20, radius 4 voxels) runs on to
+    # slice 17 with the lumen's HU, drifting 1 voxel sideways per 2 slices; past slice 17 there is
+    # none. Beside it, a body's marrow of the same HU inside a bone ring (enclosed in-plane).
+    from spinekit.segmentation.builtin import _carry_tube
+
+    nz, ny, nx = 24, 40, 60
+    zz, yy, xx = np.indices((nz, ny, nx))
+    centre_x = 20.0 + np.maximum(zz - 9, 0) / 2.0
+    lumen = ((yy - 20) ** 2 + (xx - centre_x) ** 2 <= 16) & (zz <= 17)
+    h = np.where(lumen, 160.0, 40.0).astype(np.float32)
+    marrow = (yy - 20) ** 2 + (xx - 40) ** 2 <= 36
+    h[marrow] = 160.0
+    enc = np.where(marrow, 8, 0).astype(np.uint8)
+    vessel = lumen & (zz <= 9)
+    o = (slice(0, 10), slice(0, ny), slice(0, nx))
+    good = np.ones(10, bool)
+    axis = (np.full(10, 20.0), np.full(10, 20.0), 4.0)
+    _carry_tube(vessel, vessel.copy(), h, enc, o, good, axis, 120.0, 200.0)
+    assert vessel[10:18][lumen[10:18]].mean() > 0.95       # followed, bend included
+    assert not vessel[18:].any() and not vessel[marrow].any()
+    # Where the vessel is found again further on (a second tube of it), it is not carried: between
+    # the two it has merged with a body.
+    vessel = lumen & ((zz <= 9) | (zz == 17))
+    _carry_tube(vessel, vessel.copy(), h, enc, o, good, axis, 120.0, 200.0)
+    assert not vessel[10:17].any()
+
+
+def test_the_aorta_beside_the_heart_at_a_views_top_is_no_vertebra():
+    # Portal-venous T7-L1 at 2x2x3 mm: the aorta (~155 HU, as bright as marrow) runs beside the
+    # heart's blood pool over the view's top 54 mm, where the pool's edge takes part of its
+    # candidates and its tube ends; the lumen left beyond joined the column and the top
+    # vertebra took 85 of its voxels (T7 0.888 whole / 0.914 body). Carried on along its axis
+    # the vessel is found to the view's end: measured T7 0.918 / 0.957, 3 aorta voxels.
+    ph = _phantom(first_level="T7", last_level="L1", spacing_mm=(2.0, 2.0, 3.0), noise_hu=23.4, seed=639,
+                  contrast_phase="portal-venous", scoliosis_mm=10.4, lordosis_deg=29.1, kyphosis_deg=32.4,
+                  effective_kev=79.9)
+    res = segment_builtin(ph.image)
+    _assert_named_and_dice(ph, res, 0.9, 0.9)
+    t7 = res.vertebrae.array == lv.level_id("T7")
+    aorta = ph.tissues.array == ph.truth["tissue_ids"]["aorta"]
+    assert (t7 & aorta).sum() < 30
+
+
 def test_fine_grid_outline_does_not_grow_over_the_arterial_aorta():
     # 1 x 1 x 3 mm, arterial: the outline redrawn on the native grid took lumen voxels (~300 HU,
     # above its 250 HU edge) back onto T10/T11 next to the aorta, a crescent 2-3 voxels thick:
