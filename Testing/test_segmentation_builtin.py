@@ -530,15 +530,22 @@ def test_a_tube_is_carried_on_where_a_pool_hides_it():
     assert not vessel[10:17].any()
 
 
-def test_the_aorta_beside_the_heart_at_a_views_top_is_no_vertebra():
+@pytest.fixture(scope="module")
+def portal_venous_t7_l1():
+    """A random view found by bench_random (seed 20261210): portal-venous, kyphotic, 10 mm
+    scoliosis, 2x2x3 mm, 23 HU noise; the aorta runs beside the heart at its top."""
+    return _phantom(first_level="T7", last_level="L1", spacing_mm=(2.0, 2.0, 3.0), noise_hu=23.4, seed=639,
+                    contrast_phase="portal-venous", scoliosis_mm=10.4, lordosis_deg=29.1, kyphosis_deg=32.4,
+                    effective_kev=79.9)
+
+
+def test_the_aorta_beside_the_heart_at_a_views_top_is_no_vertebra(portal_venous_t7_l1):
     # Portal-venous T7-L1 at 2x2x3 mm: the aorta (~155 HU, as bright as marrow) runs beside the
     # heart's blood pool over the view's top 54 mm, where the pool's edge takes part of its
     # candidates and its tube ends; the lumen left beyond joined the column and the top
     # vertebra took 85 of its voxels (T7 0.888 whole / 0.914 body). Carried on along its axis
     # the vessel is found to the view's end: measured T7 0.918 / 0.957, 3 aorta voxels.
-    ph = _phantom(first_level="T7", last_level="L1", spacing_mm=(2.0, 2.0, 3.0), noise_hu=23.4, seed=639,
-                  contrast_phase="portal-venous", scoliosis_mm=10.4, lordosis_deg=29.1, kyphosis_deg=32.4,
-                  effective_kev=79.9)
+    ph = portal_venous_t7_l1
     res = segment_builtin(ph.image)
     _assert_named_and_dice(ph, res, 0.9, 0.9)
     t7 = res.vertebrae.array == lv.level_id("T7")
@@ -696,7 +703,7 @@ def test_a_vertebra_below_a_sideways_leaning_disc_keeps_its_raised_side():
     assert min(whole.values()) >= 0.88, whole
 
 
-def test_each_body_leans_as_its_discs_do(monkeypatch):
+def test_each_body_leans_as_its_discs_do(monkeypatch, portal_venous_t7_l1):
     # The rib path and the ribs' level read each body's superior axis. A thoracic body is about
     # as tall as it is deep, so its principal axis is unsure: at 2x2x3 mm, in this kyphotic
     # portal-venous T7-L1 view, T7-T10 came out 30-46 deg off. The disc planes around each body
@@ -716,9 +723,7 @@ def test_each_body_leans_as_its_discs_do(monkeypatch):
 
     monkeypatch.setattr(builtin, "_body_frames", spy_frames)
     monkeypatch.setattr(builtin, "_working_grid", spy_grid)
-    ph = _phantom(first_level="T7", last_level="L1", spacing_mm=(2.0, 2.0, 3.0), noise_hu=23.4, seed=639,
-                  contrast_phase="portal-venous", scoliosis_mm=10.4, lordosis_deg=29.1, kyphosis_deg=32.4,
-                  effective_kev=79.9)
+    ph = portal_venous_t7_l1
     segment_builtin(ph.image)
     grid = seen["grid"]
     origin = np.array(grid.reference.GetOrigin())
