@@ -157,7 +157,7 @@ def test_lumbar_view_without_sacrum_is_marked_uncertain():
 def _anchored_segments(n_rib_free: int, n_thoracic: int = 3):
     """Working segments caudal -> cranial: the sacrum, n_rib_free rib-free vertebrae, then
     rib-bearing ones, every body top far enough above the scan's end to show its ribs."""
-    from spinekit.segmentation.builtin import _Segment
+    from spinekit.segmentation.builtin.common import _Segment
     n = 1 + n_rib_free + n_thoracic
     segs = [_Segment(s_lo=30.0 * i, s_hi=30.0 * (i + 1), label=i + 1, ribs=2 if i > n_rib_free else 0)
             for i in range(n)]
@@ -171,7 +171,7 @@ def test_sacrum_and_last_rib_that_disagree_leave_the_names_uncertain(n_rib_free,
     # Six (or four) rib-free vertebrae above the sacrum: a transitional spine, a missed
     # hypoplastic twelfth rib, or a disc found inside a body (or one missed): the anchors
     # cannot tell which, so the names are kept and flagged, never given with confidence.
-    from spinekit.segmentation.builtin import _name_levels
+    from spinekit.segmentation.builtin.naming import _name_levels
     segs, body_top_mm = _anchored_segments(n_rib_free)
     warnings = []
     names, confidence, uncertain, t12 = _name_levels(segs, 0, body_top_mm, warnings)
@@ -185,7 +185,7 @@ def test_sacrum_and_last_rib_that_disagree_leave_the_names_uncertain(n_rib_free,
 
 
 def test_sacrum_and_last_rib_that_agree_name_with_confidence():
-    from spinekit.segmentation.builtin import _name_levels
+    from spinekit.segmentation.builtin.naming import _name_levels
     segs, body_top_mm = _anchored_segments(5)
     warnings = []
     names, confidence, uncertain, t12 = _name_levels(segs, 0, body_top_mm, warnings)
@@ -197,7 +197,7 @@ def test_sacrum_and_last_rib_that_agree_name_with_confidence():
 def test_pieces_below_the_sacrum_are_sacrum():
     # A sacrum split at a rudimentary sacral disc: the anchor is its highest piece (_find_sacrum),
     # and the pieces below it, unnamed before, are the rest of the sacrum, not dropped.
-    from spinekit.segmentation.builtin import _name_levels
+    from spinekit.segmentation.builtin.naming import _name_levels
     segs, body_top_mm = _anchored_segments(6)      # the lowest "rib-free vertebra" is sacral
     names, confidence, uncertain, t12 = _name_levels(segs, 1, body_top_mm, [])
     assert not uncertain and confidence >= 0.9
@@ -306,7 +306,8 @@ def test_tube_axes_and_lumen_pieces_ignore_what_joins_the_tube_in_another_slice(
     # move it. A second vessel joined to the first (the IVC beside the aorta) has pieces on its
     # axis in most slices and is kept; pieces here and there are not a vessel. Pieces are the
     # lumen's only when their HU is (median within its range, homogeneous).
-    from spinekit.segmentation.builtin import _SLICE, _lumen_like_pieces, _tube_axes
+    from spinekit.segmentation.builtin.common import _SLICE
+    from spinekit.segmentation.builtin.vessels import _lumen_like_pieces, _tube_axes
 
     def axes_on_beside(lumen):
         axes, pieces, on_axis, beside = _tube_axes(lumen)
@@ -401,7 +402,7 @@ def test_branches_of_a_contrast_tube_are_found_next_to_it():
     # midline, >= 15 mm long, with the lumen's median HU is a branch; a piece far from the tube, a
     # short one, a body's marrow across the midline and one beside it (too large a cross-section)
     # are not.
-    from spinekit.segmentation.builtin import _vessel_branches
+    from spinekit.segmentation.builtin.vessels import _vessel_branches
 
     sp = 1.5
     lumen = (280.0, 320.0)
@@ -506,7 +507,7 @@ def test_a_tube_is_carried_on_where_a_pool_hides_it():
     # A vessel found as a tube in slices 0-9 (axis at y 20, x 20, radius 4 voxels) runs on to
     # slice 17 with the lumen's HU, drifting 1 voxel sideways per 2 slices; past slice 17 there is
     # none. Beside it, a body's marrow of the same HU inside a bone ring (enclosed in-plane).
-    from spinekit.segmentation.builtin import _carry_tube
+    from spinekit.segmentation.builtin.vessels import _carry_tube
 
     nz, ny, nx = 24, 40, 60
     zz, yy, xx = np.indices((nz, ny, nx))
@@ -572,7 +573,8 @@ def test_rib_goes_to_the_vertebra_whose_tilted_mid_plane_is_nearest():
     # 12 voxels over 33 to the right), centres 20 voxels apart in z, between three discs tilted
     # as they are; a root 33 voxels to the right, 8 above the lower centre: by height alone it is
     # the lower body's (8 < 12), from the tilted mid-planes the upper one's (0 < 20).
-    from spinekit.segmentation.builtin import _Segment, _body_frames, _rib_level
+    from spinekit.segmentation.builtin.common import _Segment
+    from spinekit.segmentation.builtin.ribs import _body_frames, _rib_level
 
     zz, yy, xx = np.indices((80, 40, 90), dtype=float)
     tilt = np.tan(np.radians(20.0))
@@ -604,7 +606,8 @@ def test_rib_at_a_scoliotic_apex_goes_by_the_disc_between_opposite_tilts():
     # to the other: the phantom's 12th rib went to L1 and every level was named one too high,
     # with confidence. The disc between them is level (the mean of the two tilts) at z 36: a
     # root above it is the upper vertebra's. (Bodies 12 voxels high, centres at z 25 and 47.)
-    from spinekit.segmentation.builtin import _Segment, _rib_level
+    from spinekit.segmentation.builtin.common import _Segment
+    from spinekit.segmentation.builtin.ribs import _rib_level
 
     tilt = np.radians(17.0)
     frames = {label: (np.array([zc, 20.0, 45.0]), np.array([np.cos(tilt), 0.0, lean * np.sin(tilt)]), 6.0)
@@ -624,7 +627,8 @@ def test_rib_pair_is_judged_at_its_middle():
     # right one at z 44 (its room's upper half), the left one at z 34, just under the disc plane.
     # Alone, the left rib went to the vertebra below (tight scoliotic T12-L3: the view was named
     # one level high). As a pair both are judged at their middle, inside the upper room.
-    from spinekit.segmentation.builtin import _Segment, _level_coordinate, _paired_roots, _rib_level
+    from spinekit.segmentation.builtin.common import _Segment
+    from spinekit.segmentation.builtin.ribs import _level_coordinate, _paired_roots, _rib_level
 
     up = np.array([1.0, 0.0, 0.0])
     frames = {1: (np.array([25.0, 20.0, 45.0]), up, 6.0), 2: (np.array([45.0, 20.0, 45.0]), up, 6.0)}
@@ -655,7 +659,7 @@ def test_scoliotic_view_without_sacrum_is_named_from_both_12th_ribs():
 
 
 def test_sparse_canal_track_keeps_its_curve():
-    from spinekit.segmentation.builtin import _smooth_track
+    from spinekit.segmentation.builtin.canal import _smooth_track
 
     # Left-right canal centres (working voxels) picked in 29 of 69 slices of a scoliotic T4-T8
     # phantom (the thoracic arch is open between the pedicles); they lie within a voxel of the
@@ -708,10 +712,10 @@ def test_each_body_leans_as_its_discs_do(monkeypatch, portal_venous_t7_l1):
     # as tall as it is deep, so its principal axis is unsure: at 2x2x3 mm, in this kyphotic
     # portal-venous T7-L1 view, T7-T10 came out 30-46 deg off. The disc planes around each body
     # give it to within 5 deg here (sweep of 530 phantom bodies: median 1.6, max 14 deg).
-    import spinekit.segmentation.builtin as builtin
+    import spinekit.segmentation.builtin.pipeline as pipeline
 
     seen = {}
-    body_frames, working_grid = builtin._body_frames, builtin._working_grid
+    body_frames, working_grid = pipeline._body_frames, pipeline._working_grid
 
     def spy_frames(*args):
         seen["frames"] = body_frames(*args)
@@ -721,8 +725,8 @@ def test_each_body_leans_as_its_discs_do(monkeypatch, portal_venous_t7_l1):
         seen["grid"] = working_grid(*args)
         return seen["grid"]
 
-    monkeypatch.setattr(builtin, "_body_frames", spy_frames)
-    monkeypatch.setattr(builtin, "_working_grid", spy_grid)
+    monkeypatch.setattr(pipeline, "_body_frames", spy_frames)
+    monkeypatch.setattr(pipeline, "_working_grid", spy_grid)
     ph = portal_venous_t7_l1
     segment_builtin(ph.image)
     grid = seen["grid"]
@@ -742,7 +746,7 @@ def _canal_column(pocket_hu: float, sp: float = 1.5):
     the back of a soft-tissue torso, blurred in-plane as a scan blurs it."""
     from scipy import ndimage as ndi
 
-    from spinekit.segmentation.builtin import BONE_HU
+    from spinekit.segmentation.builtin.common import BONE_HU
 
     y, x = np.mgrid[:100, :100] * sp
     torso = ((y - 75.0) / 70.0) ** 2 + ((x - 75.0) / 70.0) ** 2 <= 1.0
@@ -759,7 +763,7 @@ def test_narrow_canal_is_told_from_marrow_by_its_core():
     # 58 HU, above CANAL_MEAN_HU, so no slice held a canal (the upper thoracic canal of a kyphotic
     # view, below); its core, a voxel in from the rim, reads 28 HU. A pocket of 45 HU (the marrow
     # of a 40 mg/cm3 body) reads 53 in its core and is no canal.
-    from spinekit.segmentation.builtin import _track_canal
+    from spinekit.segmentation.builtin.canal import _track_canal
 
     track = _track_canal(*_canal_column(15.0))
     assert track is not None
@@ -783,7 +787,7 @@ def test_narrow_upper_thoracic_canal_is_tracked_to_the_top_of_a_kyphotic_view():
 
 
 def test_disc_plane_leans_sideways_as_its_disc_does():
-    from spinekit.segmentation.builtin import _coronal_tilt
+    from spinekit.segmentation.builtin.discs import _coronal_tilt
 
     # Body-core voxels (1.5 mm grid) of two bodies 40 mm wide and a 4.5 mm disc between them
     # whose plane leans 20 deg to the patient's left; bone weight 100, the disc holds none.
@@ -819,7 +823,7 @@ def test_canal_chain_follows_the_canal_past_gaps_and_side_pockets():
     # Candidate pockets (z, y, x, area, front) on a 1.5 mm grid: the canal drifts 0.4 voxel per
     # slice to the right, with 10-slice runs where no pocket closes (15 mm) and, at every
     # fifth slice, a small pocket 6 voxels to its side (a foramen).
-    from spinekit.segmentation.builtin import _canal_chain
+    from spinekit.segmentation.builtin.canal import _canal_chain
 
     canal = [(z, 100.0, 50.0 + 0.4 * z, 150.0, 95.0) for z in range(60) if not (15 <= z < 25 or 40 <= z < 50)]
     side = [(z, 100.0, 56.0 + 0.4 * z, 30.0, 97.0) for z in range(0, 60, 5)]
@@ -914,7 +918,7 @@ def test_rib_heads_taken_are_the_small_pieces_beside_a_body():
     # Bone taken from the bodies as rib: a rib head beside the body (~0.5 cm3) is rib, and the
     # native outline must not grow the body back over it; a large piece (a body's side, taken
     # where a scoliotic apex shifts it lateral of the canal) is not blocked.
-    from spinekit.segmentation.builtin import _rib_heads_taken
+    from spinekit.segmentation.builtin.ribs import _rib_heads_taken
 
     body = np.zeros((20, 60, 80), bool)
     body[4:16, 10:40, 20:50] = True
@@ -978,7 +982,7 @@ def test_lumen_side_of_an_outline_is_told_by_the_lumen_hu():
     # A body (200 HU marrow, 1200 HU cortex) touched by a 300 HU contrast lumen; the labels hold a
     # two-voxel crescent of the lumen next to the cortex, which the soft-tissue edge threshold
     # keeps. Against the lumen's HU the crescent goes, the cortex and the marrow behind it stay.
-    from spinekit.segmentation.builtin import _lumen_side
+    from spinekit.segmentation.builtin.outline import _lumen_side
 
     yy, xx = np.mgrid[0:40, 0:60]
     r_body = np.hypot(yy - 20, xx - 20)
@@ -1069,7 +1073,7 @@ def test_screw_and_rod_construct_whole_vertebrae_reach_the_target(rod_construct)
 def test_streak_rays_and_pieces_in_metal_slices_are_dropped():
     # Slice 2 holds a screw: a one-voxel ray off the body and a piece apart from it that stops in
     # the metal-free slices beside it are streaks; a piece that goes on into them is bone.
-    from spinekit.segmentation.builtin import _open_metal_slices
+    from spinekit.segmentation.builtin.outline import _open_metal_slices
 
     vert = np.zeros((5, 40, 40), np.uint8)
     vert[:, 10:30, 10:30] = 1                      # body
@@ -1115,7 +1119,7 @@ def test_a_canal_the_streaks_fill_in_a_metal_slice_is_left_out():
     # canal above the bone threshold and it is labelled. The canal is open in the metal-free
     # slices beside and enclosed by the ring here: it goes. A transverse process seen only in the
     # screws' slice is not enclosed: it stays.
-    from spinekit.segmentation.builtin import _open_metal_slices
+    from spinekit.segmentation.builtin.outline import _open_metal_slices
 
     yy, xx = np.mgrid[:60, :60]
     ring = (np.hypot(yy - 30, xx - 30) <= 14) & (np.hypot(yy - 30, xx - 30) > 7)
@@ -1137,7 +1141,7 @@ def test_rods_and_screw_heads_outside_the_bone_are_no_vertebra():
     # A screw runs through a body into the soft tissue behind it; a rod joined to its head runs
     # through the muscle behind the bone in every slice. The flood labels all of the metal with
     # the vertebra; the metal wrapped in bone stays, the metal in muscle goes.
-    from spinekit.segmentation.builtin import _open_metal_slices
+    from spinekit.segmentation.builtin.outline import _open_metal_slices
 
     vert = np.zeros((12, 50, 40), np.uint8)
     vert[:, 8:30, 8:32] = 1                        # body and arch
@@ -1259,7 +1263,7 @@ def test_slices_thicker_than_validated_flag_the_names_uncertain():
 
 
 def test_profile_rule_drops_only_faces_past_the_cortex_peak():
-    from spinekit.segmentation.builtin import _past_profile_peak
+    from spinekit.segmentation.builtin.outline import _past_profile_peak
 
     labels = np.zeros((12, 12, 12), np.uint8)
     labels[3:9, 3:9, 3:9] = 1
@@ -1288,7 +1292,8 @@ def test_the_view_end_is_no_outline():
     # scan's last voxel centres) carry the edge values on instead of air, and the outline steps
     # do not treat the scan's first / last slice as the bone's outer layer (real 2 mm slab: the
     # marrow of T11's two top slices was lost, T11 Dice 0.403 -> 0.459).
-    from spinekit.segmentation.builtin import _refine_native, _trim_outline, _working_grid
+    from spinekit.segmentation.builtin.outline import _refine_native, _trim_outline
+    from spinekit.segmentation.builtin.common import _working_grid
 
     slab = Image(np.full((20, 30, 30), 300, np.int16), (1.0, 1.0, 2.0))   # 0-38 mm on a 1.5 mm grid
     hu = _working_grid(slab, 1.5).hu
@@ -1520,7 +1525,7 @@ def test_disc_cut_by_the_view_end_is_found_on_one_endplate():
     # up to half-way to that endplate, where it is >= 40 HU darker than the endplate and darker
     # than the marrow (real 2 mm slab: the T12/L1 disc in its two caudal slices was filled as T12
     # bone, T12 Dice 0.698 -> 0.718). A view ending in marrow just past an endplate is not a disc.
-    from spinekit.segmentation.builtin import _end_disc_band
+    from spinekit.segmentation.builtin.discs import _end_disc_band
 
     sp = 1.5
     nan = np.nan
@@ -1542,7 +1547,7 @@ def test_disc_cut_by_the_view_end_is_found_on_one_endplate():
 
 
 def test_thin_disc_between_endplates_is_found_without_a_density_minimum():
-    from spinekit.segmentation.builtin import _endplate_valleys, _find_discs
+    from spinekit.segmentation.builtin.discs import _endplate_valleys, _find_discs
 
     sp = 1.5
     # Low-percentile HU along a 40 mm slab: marrow 120 HU, sclerotic endplates 160-200 HU around
@@ -1567,7 +1572,7 @@ def test_thin_disc_between_endplates_is_found_without_a_density_minimum():
 
 
 def test_dip_in_a_low_density_body_is_no_disc():
-    from spinekit.segmentation.builtin import _find_discs
+    from spinekit.segmentation.builtin.discs import _find_discs
 
     # Density-weighted body profile, 1.5 mm bins: dense bodies (100) and between them an
     # osteoporotic one (40) whose marrow dips to 25 mid-body, discs at bins 20 and 41 (5). Against
@@ -1595,7 +1600,7 @@ def test_dip_in_a_low_density_body_is_no_disc():
 
 
 def test_end_of_the_top_body_is_no_disc_between_endplates():
-    from spinekit.segmentation.builtin import _find_discs
+    from spinekit.segmentation.builtin.discs import _find_discs
 
     # Measured profile (per cent of its peak, 1.5 mm bins) and endplate valleys of a random
     # arterial T4-T7 phantom: no density minimum is sure, so the dark bands between endplates
@@ -1613,7 +1618,7 @@ def test_end_of_the_top_body_is_no_disc_between_endplates():
 
 
 def test_band_half_a_pitch_from_two_discs_is_no_disc():
-    from spinekit.segmentation.builtin import _find_discs
+    from spinekit.segmentation.builtin.discs import _find_discs
 
     # Measured profile and endplate valleys (1.5 mm bins) of a random arterial T4-T8 phantom at
     # 3 mm slices: no density minimum is sure, the discs are the bands between endplates at bins
@@ -1646,7 +1651,7 @@ def test_osteoporotic_thoracic_body_at_3mm_is_not_split_mid_body():
 
 
 def test_marrow_dip_cutting_the_disc_spacing_in_two_is_no_disc():
-    from spinekit.segmentation.builtin import _find_discs
+    from spinekit.segmentation.builtin.discs import _find_discs
 
     # Measured profile (/100) and endplate valleys (2 mm bins) of a random portal-venous T9-L1
     # view at 2x2x3 mm (below). No density minimum is sure; the discs are the bands at 17, 32 and
@@ -1679,7 +1684,7 @@ def test_osteoporotic_body_with_a_basivertebral_vein_is_not_split():
 
 
 def test_band_on_a_shallow_density_floor_is_still_a_candidate():
-    from spinekit.segmentation.builtin import _find_discs
+    from spinekit.segmentation.builtin.discs import _find_discs
 
     # Sure discs (empty slabs) at bins 20, 40 and 60 of a 1.5 mm profile; the next disc, 20
     # bins up, shows only as a dark band between endplates (valley 143 HU at bin 80) on a shallow
@@ -1697,7 +1702,7 @@ def test_band_on_a_shallow_density_floor_is_still_a_candidate():
 
 
 def test_band_on_a_falling_density_floor_is_rated_at_its_bottom():
-    from spinekit.segmentation.builtin import _find_discs
+    from spinekit.segmentation.builtin.discs import _find_discs
 
     # Measured profile (share of its maximum, 1.5 mm bins) of a random portal-venous T8-L2 view
     # at 0.9x0.9x3 mm, kyphosis 34 deg, and its endplate valleys (HU). The discs at 23-104 hold
@@ -1722,7 +1727,7 @@ def test_band_on_a_falling_density_floor_is_rated_at_its_bottom():
 
 
 def test_band_whose_floor_falls_to_the_profile_end_is_no_disc():
-    from spinekit.segmentation.builtin import _find_discs
+    from spinekit.segmentation.builtin.discs import _find_discs
 
     # A band near the profile's end on a floor that keeps falling to the end: the walk downhill
     # reaches the last bin, which has no profile beyond it (it raised an error there) and is no
@@ -1736,7 +1741,7 @@ def test_band_whose_floor_falls_to_the_profile_end_is_no_disc():
 
 
 def test_clear_band_goes_before_a_faint_band_in_dark_marrow():
-    from spinekit.segmentation.builtin import _find_discs
+    from spinekit.segmentation.builtin.discs import _find_discs
 
     # Measured profile (share of its maximum, 1.5 mm bins) and endplate valleys (HU) of a random
     # native T6-T11 view at 1x1x2 mm, kyphosis 45 deg, T6 at 41 mg/cm3 (marrow darker than the
@@ -1803,7 +1808,7 @@ def test_thoracic_discs_next_to_a_crushed_vertebra_are_found(kw):
 
 
 def test_two_false_bands_do_not_set_the_disc_spacing():
-    from spinekit.segmentation.builtin import _find_discs
+    from spinekit.segmentation.builtin.discs import _find_discs
 
     # Measured profile and endplate valleys (1.5 mm bins) of a random native T4-T7 view at
     # 2.5 mm slices, noise 27 HU: bands between endplates at 18, 33, 41, 49 and 57, the true
@@ -1822,7 +1827,7 @@ def test_two_false_bands_do_not_set_the_disc_spacing():
 
 
 def test_band_in_a_density_dip_goes_before_a_band_on_the_marrow_plateau():
-    from spinekit.segmentation.builtin import _find_discs
+    from spinekit.segmentation.builtin.discs import _find_discs
 
     # Measured profile (share of its maximum, 1.5 mm bins) and endplate valleys (HU) of a random
     # native T4-T7 view at 0.8x0.8x3 mm: no sure density minimum, so the discs are the endplate
@@ -1841,7 +1846,7 @@ def test_band_in_a_density_dip_goes_before_a_band_on_the_marrow_plateau():
 
 
 def test_band_with_no_body_beyond_it_before_the_views_end_is_no_disc():
-    from spinekit.segmentation.builtin import _find_discs
+    from spinekit.segmentation.builtin.discs import _find_discs
 
     # Measured profile (share of its maximum, 1.5 mm bins) and endplate valleys (HU) of the upper
     # part of a random arterial T7-L1 view at 1x1x3 mm, noise 25 HU: no sure density minimum, the
@@ -1951,7 +1956,7 @@ def test_detached_fragments_of_a_label_are_dropped():
     # A vertebra is one bone: a small piece of its label far from the main part is other bone
     # (the 3 mm phantom's iliac crests beside L5: L5 whole Dice 0.886 -> 0.901); a piece close
     # by (a process split off by the outline trim) and a large piece stay.
-    from spinekit.segmentation.builtin import _drop_detached_fragments
+    from spinekit.segmentation.builtin.outline import _drop_detached_fragments
     vert = np.zeros((20, 40, 60), np.uint8)
     vert[5:15, 5:25, 5:25] = 24           # main part, 4000 voxels
     vert[8:10, 10:12, 40:42] = 24         # 8 voxels, 15 voxels (45 mm) away: dropped
@@ -1971,7 +1976,7 @@ def test_working_grid_holds_the_voxel_centres_of_coarse_scans():
     # A 3 mm scan on a 2 mm grid has every other voxel half-way between two working voxels (its
     # labels drawn back shift there); 1.5 mm holds its centres. 0.75 mm scans keep 1.5 mm, 2 mm
     # scans 2 mm; a coarse scan whose aligned grid would exceed MAX_WORKING_VOXELS keeps 2 mm.
-    from spinekit.segmentation.builtin import MAX_WORKING_VOXELS, _working_spacing
+    from spinekit.segmentation.builtin.common import MAX_WORKING_VOXELS, _working_spacing
 
     def spacing_for(shape_zyx, spacing_xyz):
         return _working_spacing(Image(np.zeros(shape_zyx, np.int16), spacing_xyz))
@@ -1985,7 +1990,7 @@ def test_working_grid_holds_the_voxel_centres_of_coarse_scans():
     assert spacing_for((side, side, side), (3.0, 3.0, 3.0)) == pytest.approx(2.0)
     # The budget counts the working grid itself: an oblique scan's axis-aligned grid covers its
     # rotated box (a 45 degree turn about z widens x and y by sqrt(2), 2x the voxels).
-    from spinekit.segmentation.builtin import _working_grid
+    from spinekit.segmentation.builtin.common import _working_grid
     side = int(round((MAX_WORKING_VOXELS * 0.7) ** (1 / 3) / 2.0))  # 0.7x the budget when straight
     c = np.sqrt(0.5)
     turned = np.array([[c, -c, 0.0], [c, c, 0.0], [0.0, 0.0, 1.0]])
@@ -2004,7 +2009,7 @@ def test_native_box_holds_every_voxel_the_working_labels_reach(direction):
     # 13.0 s, peak 1.74 -> 1.10 GB, labels byte-identical). Every native voxel whose nearest
     # working voxel is in the labels' box - and the margin the outline refinement grows into -
     # must be inside it, in any storage orientation; the cropped image keeps their positions.
-    from spinekit.segmentation.builtin import _crop_image, _native_box, _working_grid
+    from spinekit.segmentation.builtin.common import _crop_image, _native_box, _working_grid
 
     img = Image(np.zeros((30, 40, 50), np.int16), (0.8, 0.9, 1.7), origin_mm=(-10.0, 20.0, 5.0),
                 direction=direction)
