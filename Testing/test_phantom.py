@@ -370,6 +370,44 @@ def test_scoliosis_moves_bodies_laterally():
         assert np.allclose(t["centroid_lps_mm"], t["center_lps_mm"], atol=0.5)
 
 
+def test_interpenetrating_bodies_go_to_the_one_a_voxel_lies_deeper_in():
+    # A 20 mm scoliosis over a 4-level view bends the column so sharply that adjacent bodies lean
+    # up to 50 deg apart and interpenetrate on the concave side (T4-T7 at 0.9x0.9x2.5 mm: 585
+    # voxels). Such a voxel went to the body painted last; it goes to the one it lies deeper in.
+    from spinekit.phantom._bone import paint_vertebra
+    from spinekit.phantom._grid import Grid, Materials
+    from spinekit.phantom._spine import frame_from_tangent, level_dims
+
+    d = level_dims("T6")
+    grid = Grid((70, 60, 90), np.array([-45.0, -30.0, -35.0]), np.array([1.0, 1.0, 1.0]))
+    tilt = np.radians(25.0)
+    half = d.body_height_mm / 2 + 1.0           # 2 mm apart on the axis, overlapping to one side
+    upper = frame_from_tangent(np.array([0.0, 0.0, half]), np.array([np.sin(tilt), 0.0, np.cos(tilt)]))
+    lower = frame_from_tangent(np.array([0.0, 0.0, -half]), np.array([-np.sin(tilt), 0.0, np.cos(tilt)]))
+    mat, vert, bodies = (np.zeros(grid.shape, np.uint8) for _ in range(3))
+    args = (Materials({}), vert, bodies, grid)
+    geo_up = paint_vertebra(mat, *args, upper, d, None, 1, None, 200.0, 1000.0, truth=False)
+    geo_lo = paint_vertebra(mat, *args, lower, d, d, 2, None, 200.0, 1000.0, truth=False,
+                            body_above=geo_up["body_depth"])
+
+    def depth(geo):
+        full = np.full(grid.shape, -np.inf, np.float32)
+        sl, dep = geo["body_depth"]
+        full[sl] = dep
+        return full
+
+    d_up, d_lo = depth(geo_up), depth(geo_lo)
+    both = (d_up >= 0) & (d_lo >= 0)
+    gap = np.zeros(grid.shape, np.float32)
+    gap[both] = d_up[both] - d_lo[both]
+    clear = both & (np.abs(gap) > 1.0)
+    assert clear.sum() > 100, clear.sum()          # they do interpenetrate
+    assert np.all(bodies[clear] == np.where(gap > 0, 1, 2)[clear])
+    assert np.all(vert[clear] == bodies[clear])
+    # Away from the overlap each keeps its own voxels.
+    assert np.all(bodies[(d_up >= 0) & (d_lo < 0)] == 1) and np.all(bodies[(d_lo >= 0) & (d_up < 0)] == 2)
+
+
 def test_slice_thickness_keeps_noise_sd():
     ph = generate_ct_phantom(spacing_mm=(2.0, 2.0, 1.0), first_level="L2", last_level="L3", include_sacrum=False,
                              slice_thickness_mm=3.0, noise_hu=12.0)

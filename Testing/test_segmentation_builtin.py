@@ -637,13 +637,13 @@ def test_rib_pair_is_judged_at_its_middle():
     assert _level_coordinate(frames, right) == pytest.approx(1 + 9 / 16)
     assert _level_coordinate(frames, left) == pytest.approx(15 / 16)
     assert _rib_level(segs, frames, left, 1.5).label == 1
-    judged = _paired_roots([right, left], [1, -1], frames)
+    judged = _paired_roots([right, left], [1, -1], frames, 1.5)
     assert [_rib_level(segs, frames, p, 1.5).label for p in judged] == [2, 2]
     # Ribs of two vertebrae on the two sides, a level apart, are no pair; with all four in view
     # each pairs with its own partner.
     lower_left, lower_right = np.array([23.0, 20.0, 5.0]), np.array([22.0, 20.0, 85.0])
-    assert np.array_equal(_paired_roots([right, lower_left], [1, -1], frames)[1], lower_left)
-    judged = _paired_roots([right, left, lower_left, lower_right], [1, -1, -1, 1], frames)
+    assert np.array_equal(_paired_roots([right, lower_left], [1, -1], frames, 1.5)[1], lower_left)
+    judged = _paired_roots([right, left, lower_left, lower_right], [1, -1, -1, 1], frames, 1.5)
     assert [_rib_level(segs, frames, p, 1.5).label for p in judged] == [2, 2, 1, 1]
 
 
@@ -655,6 +655,20 @@ def test_scoliotic_view_without_sacrum_is_named_from_both_12th_ribs():
                   lordosis_deg=46.0, kyphosis_deg=36.0, noise_hu=22.0, seed=751)
     res = segment_builtin(ph.image)
     _assert_named_and_dice(ph, res, 0.93, 0.93)
+    assert res.level("T12").flags.count("rib_bearing") == 1 and "rib_bearing" not in res.level("L1").flags
+
+
+def test_a_rib_leans_with_its_vertebra_only_out_to_its_transverse_process():
+    # T12-L4 with a 19 mm scoliosis over five levels: T12 and L1 lean 20 deg sideways. The 12th
+    # ribs leave the column box 45-55 mm out; past the transverse-process tips (the costotransverse
+    # joints) they run on level, as ribs do, not along the body's tilt. Judged on the tilted disc
+    # planes extrapolated that far the left root went to L1, and the view was named T11-L3 with
+    # confidence; judged 30 mm out (RIB_TILT_REACH_MM) both are T12's.
+    ph = _phantom(first_level="T12", last_level="L4", spacing_mm=(1.5, 1.5, 1.5), noise_hu=9.7, seed=198,
+                  scoliosis_mm=-19.2, lordosis_deg=29.1, kyphosis_deg=25.7, contrast_phase="portal-venous",
+                  effective_kev=58.4)
+    res = segment_builtin(ph.image)
+    _assert_named_and_dice(ph, res, 0.9, 0.9)
     assert res.level("T12").flags.count("rib_bearing") == 1 and "rib_bearing" not in res.level("L1").flags
 
 
@@ -1824,6 +1838,30 @@ def test_two_false_bands_do_not_set_the_disc_spacing():
         14, 15, 145, 263, 121, 15, 11, 163, 47, 44, 17, 209, 140, 19, 95, 132, 56]
     discs, endplate_only = _find_discs(prof, 1.5, valley)
     assert discs == [18, 33, 49] and sorted(endplate_only) == [18, 33, 49]
+
+
+def test_regular_bands_are_not_thinned_by_their_own_double_gap():
+    from spinekit.segmentation.builtin.discs import _find_discs
+
+    # Measured profile (share of its maximum) and endplate valleys (1.5 mm bins) of a random
+    # native T4-T9 view at 1.5x1.5x3 mm: no sure density minimum; the discs are the bands at 20,
+    # 37, 55, 71 and 85, 14-18 bins apart. Dropping the 14-bin gap's weaker band (71) leaves a
+    # double gap of 30, which raised the spacing it was judged by to 24 bins (the 75th centile of
+    # 17, 18 and 30), so neither 14 nor the merged 30 looked regular: 71 went, then 37, and the
+    # six vertebrae came out as four (T5-T8 whole 0.57-0.61). The merged gap is now judged
+    # against the other gaps' spacing (17.75 bins).
+    prof = np.array([4, 14, 25, 36, 54, 65, 72, 78, 85, 91, 94, 98, 100, 98, 96, 96, 95, 97, 90, 80, 73, 82, 84, 78,
+                     75, 72, 68, 67, 68, 71, 77, 78, 78, 79, 80, 81, 81, 71, 71, 74, 73, 62, 52, 46, 43, 43, 46, 52,
+                     56, 57, 59, 63, 70, 75, 68, 71, 72, 75, 69, 64, 62, 60, 61, 65, 70, 71, 67, 68, 71, 74, 65, 65,
+                     67, 72, 73, 72, 72, 73, 76, 79, 82, 80, 76, 73, 70, 61, 59, 62, 63, 55, 49, 46, 44, 46, 52, 54,
+                     53, 53, 50, 43, 34, 12], float)
+    valley = np.full(prof.size, -np.inf)
+    valley[[3, 4, 8, 9, 10, 11, 12, 13, 16, 20, 21, 27, 28, 30, 36, 37, 39, 45, 46, 47, 49, 54, 55, 57, 61, 62, 63,
+            66, 70, 71, 73, 77, 78, 83, 85, 86, 91, 92, 93, 94]] = [
+        20, 55, 1, 1, 2, 4, 4, 0, 0, 163, 93, 2, 14, 2, 85, 128, 16, 6, 2, 14, 1, 124, 130, 19, 3, 38, 8, 1, 131,
+        150, 5, 56, 136, 4, 176, 101, 0, 26, 39, 4]
+    discs, endplate_only = _find_discs(prof, 1.5, valley)
+    assert discs == [20, 37, 55, 71, 85] and sorted(endplate_only) == discs
 
 
 def test_band_in_a_density_dip_goes_before_a_band_on_the_marrow_plateau():

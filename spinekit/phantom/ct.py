@@ -468,13 +468,15 @@ def _paint(scene: _Scene, grid: Grid, progress=None, truth: bool = False):
     report(progress, 0.5, "phantom: vertebrae")
     geo = {}
     metal = metal_levels(cfg.metal_level)
+    body_above = None
     for k, n in enumerate(levels):
         above = dims[levels[k - 1]] if k > 0 else None
         geo[n] = paint_vertebra(mat, M, vertebrae, bodies, grid, frames[n], dims[n], above, VERSE_IDS[n],
                                 cfg.fractures.get(n), scene.trab_hu[n], scene.cortical_hu,
                                 metal=(n in metal),
                                 vein_material=T["basivertebral_vein"] if cfg.basivertebral_vein else None,
-                                truth=truth)
+                                truth=truth, body_above=body_above)
+        body_above = geo[n].pop("body_depth", None)
     if len(metal) > 1:
         paint_spinal_rods(mat, grid, frames, dims, metal)
     return mat, vertebrae, bodies, geo, sacrum_present, rods_truth

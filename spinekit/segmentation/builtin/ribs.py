@@ -26,6 +26,10 @@ RIB_STUB_END_MM = 35.0   # ... and lie this far out where the scan's caudal end 
 RIB_STUB_RISE_MM = 8.0   # ... rising at least this much from there to the rib head
 RIB_GAP_MM = 12.0        # a rib's bone may resume this far outside the column box (the joints and
 #                          the thin rib neck fall below the bone threshold, more so on noisy scans)
+RIB_TILT_REACH_MM = 30.0  # a rib leans with its vertebra only out to its costotransverse joint (the transverse
+#                          process tip, 25-35 mm lateral): a root on the box wall, 50-60 mm out, is judged as if
+#                          this far from the column's axis (scoliotic T12-L4, 20 deg lean: the 12th ribs' roots
+#                          went to T12 and L1 and the view was named one level high)
 RIB_PAIR_LEVELS = 0.75   # a left and a right rib root this close along the column (vertebra units) are a pair
 
 
@@ -239,6 +243,18 @@ def _rib_rooms(frames):
     return order, planes
 
 
+def _medial(frames, p, sp) -> np.ndarray:
+    """Rib root p (zyx working voxels) moved sideways to at most RIB_TILT_REACH_MM from the
+    column's axis (the bodies' centres, interpolated at its height), where the tilted disc planes
+    judge it."""
+    p = np.array(p, float)
+    centres = sorted((c for c, _, _ in frames.values()), key=lambda c: c[0])
+    x_axis = float(np.interp(p[0], [c[0] for c in centres], [c[2] for c in centres]))
+    reach = RIB_TILT_REACH_MM / sp
+    p[2] = x_axis + float(np.clip(p[2] - x_axis, -reach, reach))
+    return p
+
+
 def _level_coordinate(frames, p) -> float:
     """Where point p lies along the column in vertebra units: k + 0.5 at the middle of the k-th
     room from the caudal end (between its disc planes; an end vertebra's outer side is its body's
@@ -258,11 +274,12 @@ def _rib_level(segs, frames, root_zyx, sp):
     """The vertebra a rib belongs to, from its medial end (ribs slope down, so the label of the
     bone they touch is less reliable), or None when that lies over 25 mm from the vertebra's
     mid-plane (through its centroid, across its superior axis). Each vertebra holds the room
-    between the planes of the discs above and below it (_rib_rooms). The tilt counts: a root
-    50 mm lateral sits 7 mm higher or lower on an 8 degree scoliotic tilt. (Each body's own
-    mid-plane does not do: at a scoliotic apex two neighbours lean opposite ways, their
-    mid-planes cross beside the column, and a root there is as near to both.)"""
-    p = np.asarray(root_zyx, float)
+    between the planes of the discs above and below it (_rib_rooms). The tilt counts, out to
+    RIB_TILT_REACH_MM from the column's axis (_medial): there a root sits 4 mm higher or lower on
+    an 8 degree scoliotic tilt. (Each body's own mid-plane does not do: at a scoliotic apex two
+    neighbours lean opposite ways, their mid-planes cross beside the column, and a root there is
+    as near to both.)"""
+    p = _medial(frames, root_zyx, sp)
     order, planes = _rib_rooms(frames)
     label = order[sum(int((p - pnt) @ nrm > 0) for pnt, nrm in planes)]
     c, u, _ = frames[label]
@@ -271,14 +288,14 @@ def _rib_level(segs, frames, root_zyx, sp):
     return next((sg for sg in segs if sg.label == label), None)
 
 
-def _paired_roots(roots, sides, frames):
+def _paired_roots(roots, sides, frames, sp):
     """Where each rib is judged: the middle of its pair where the rib opposite lies within
-    RIB_PAIR_LEVELS of it along the column (_level_coordinate) and each is the other's nearest
-    there, else its own root. A pair's middle lies near the column's axis, where an error in the
+    RIB_PAIR_LEVELS of it along the column (_level_coordinate, at _medial) and each is the other's
+    nearest there, else its own root. A pair's middle lies near the column's axis, where an error in the
     vertebrae's sideways lean does not move it between rooms; a root 55 mm lateral does (tight
     scoliotic T12-L3: T12's two roots lay 0.9 of a half-height apart along its estimated axis,
     and the left one went to L1)."""
-    coord = np.array([_level_coordinate(frames, r) for r in roots])
+    coord = np.array([_level_coordinate(frames, _medial(frames, r, sp)) for r in roots])
     out = [np.asarray(r, float) for r in roots]
     for i in range(len(roots)):
         opp = [j for j in range(len(roots)) if sides[j] != sides[i]]
@@ -325,7 +342,7 @@ def _find_ribs(segs, vert, frames, bone, box, dx, sp):
         found.append((i, root, side))
     if not found:
         return ribs
-    judged = _paired_roots([r for _, r, _ in found], [sd for _, _, sd in found], frames)
+    judged = _paired_roots([r for _, r, _ in found], [sd for _, _, sd in found], frames, sp)
     for (i, _, _), point in zip(found, judged):
         sg = _rib_level(segs, frames, point, sp)
         if sg is None:
