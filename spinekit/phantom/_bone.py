@@ -187,7 +187,7 @@ def paint_vertebra(mat, M, vertebrae, bodies, grid, fr, d, above, vid, fracture,
             pu, pv, pw_, m = q
             m &= ~((pu / ca) ** 2 + ((pv - vc) / cb) ** 2 <= 1)
         if body_above is not None:   # (nor does a process reach into the body above)
-            pe &= ~_deeper_in_above(body_above, pe_sl, np.full(pe.shape, -np.inf, np.float32), bodies)
+            pe &= ~_deeper_in_above(body_above, pe_sl, None, bodies)
         pe_cortex = cortex(pe, grid.spacing_zyx)
         m_s, v_s = mat[pe_sl], vertebrae[pe_sl]
         v_s[pe] = vid
@@ -265,17 +265,19 @@ def paint_spinal_rods(mat, grid, frames, dims, names) -> None:
                 mat[sl][_segment_dist2(grid.coords(sl), p, q) <= r * r] = T["metal"]
 
 
-def _deeper_in_above(body_above, body_sl, depth, bodies) -> np.ndarray:
-    """Mask over `body_sl`: voxels that the body above (slices, depth; paint_vertebra's
-    "body_depth") still holds and lies deeper inside than this body's `depth`."""
+def _deeper_in_above(body_above, sl, depth, bodies) -> np.ndarray:
+    """Mask over the grid slices `sl`: voxels that the body above (slices, depth; paint_vertebra's
+    "body_depth") still holds and lies deeper inside than `depth` (an array over `sl`), or holds
+    at all when `depth` is None."""
     above_sl, above_depth = body_above
-    common = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(above_sl, body_sl))
-    keep = np.zeros(depth.shape, bool)
+    common = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(above_sl, sl))
+    keep = np.zeros(tuple(s.stop - s.start for s in sl), bool)
     if any(c.stop <= c.start for c in common):
         return keep
-    here = tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(common, body_sl))
+    here = tuple(slice(c.start - b.start, c.stop - b.start) for c, b in zip(common, sl))
     there = tuple(slice(c.start - a.start, c.stop - a.start) for c, a in zip(common, above_sl))
-    keep[here] = (bodies[common] > 0) & (above_depth[there] > depth[here])
+    inside = above_depth[there] > (-np.inf if depth is None else depth[here])
+    keep[here] = (bodies[common] > 0) & inside
     return keep
 
 
