@@ -370,10 +370,29 @@ def test_scoliosis_moves_bodies_laterally():
         assert np.allclose(t["centroid_lps_mm"], t["center_lps_mm"], atol=0.5)
 
 
+def test_a_short_view_shows_part_of_a_realistic_scoliotic_curve():
+    # The curve spans at least 250 mm of the column about the view's middle: over a T4-T7 view a
+    # 20 mm scoliosis has its apex there and bends neighbours at most ~12 deg apart. Drawn over the
+    # rendered range alone (scoliosis_span_mm=0, the stress geometry) they leaned ~50 deg apart.
+    kw = dict(spacing_mm=(3.0, 3.0, 3.0), first_level="T4", last_level="T7", scoliosis_mm=20.0, noise_hu=0.0)
+
+    def lean_deg(ph):
+        sup = np.array([ph.truth["levels"][n]["axis_superior"] for n in ("T4", "T5", "T6", "T7")])
+        return np.degrees(np.arctan2(sup[:, 0], sup[:, 2]))
+
+    ph = generate_ct_phantom(**kw)
+    assert ph.truth["curve"]["scoliosis_span_mm"] == 250.0
+    assert np.abs(np.diff(lean_deg(ph))).max() < 13.0
+    xs = [ph.truth["levels"][n]["center_lps_mm"][0] for n in ("T5", "T6")]
+    assert min(xs) > 0.8 * 20.0                      # the apex in view
+    assert np.abs(np.diff(lean_deg(generate_ct_phantom(scoliosis_span_mm=0.0, **kw)))).max() > 40.0
+
+
 def test_interpenetrating_bodies_go_to_the_one_a_voxel_lies_deeper_in():
-    # A 20 mm scoliosis over a 4-level view bends the column so sharply that adjacent bodies lean
-    # up to 50 deg apart and interpenetrate on the concave side (T4-T7 at 0.9x0.9x2.5 mm: 585
-    # voxels). Such a voxel went to the body painted last; it goes to the one it lies deeper in.
+    # A 20 mm scoliosis drawn over a 4-level view alone (scoliosis_span_mm=0) bends the column so
+    # sharply that adjacent bodies lean up to 50 deg apart and interpenetrate on the concave side
+    # (T4-T7 at 0.9x0.9x2.5 mm: 585 voxels). Such a voxel went to the body painted last; it goes
+    # to the one it lies deeper in.
     from spinekit.phantom._bone import paint_vertebra
     from spinekit.phantom._grid import Grid, Materials
     from spinekit.phantom._spine import frame_from_tangent, level_dims
@@ -469,16 +488,19 @@ def test_command_line_writes_phantom_and_rejects_bad_input(tmp_path, capsys):
 
     out = tmp_path / "ph"
     rc = main(["phantom", "--out", str(out), "--levels", "L1-L2", "--spacing", "2.5,2.5,2.5", "--fracture",
-               "L1:wedge:2", "--no-sacrum", "--seed", "5", "--previews", "--metal", "L2", "--metal-artifacts", "0.5"])
+               "L1:wedge:2", "--no-sacrum", "--seed", "5", "--previews", "--metal", "L2", "--metal-artifacts", "0.5",
+               "--scoliosis", "10", "--scoliosis-span", "0"])
     assert rc == 0
     truth = json.loads((out / "truth.json").read_text())
+    assert truth["curve"]["scoliosis_mm"] == 10.0 and truth["curve"]["scoliosis_span_mm"] == 0.0
     assert truth["levels"]["L1"]["genant_grade"] == 2 and truth["scanner"]["seed"] == 5
     assert truth["levels"]["L2"]["metal"] and truth["scanner"]["metal_artifacts"] == 0.5
     assert (out / "preview_sagittal.png").stat().st_size > 1000
-    for bad in (["--levels", "L2-L1"], ["--spacing", "1,1"], ["--fracture", "L1-wedge"], ["--size", "12x12"]):
+    for bad in (["--levels", "L2-L1"], ["--spacing", "1,1"], ["--fracture", "L1-wedge"], ["--size", "12x12"],
+                ["--scoliosis-span", "-5"]):
         assert main(["phantom", "--out", str(tmp_path / "bad"), *bad]) == 2
     err = capsys.readouterr().err
-    assert "Traceback" not in err and err.count("error:") == 4
+    assert "Traceback" not in err and err.count("error:") == 5
 
 
 def test_render_previews(tmp_path, default_phantom):

@@ -3,7 +3,7 @@
 Everything is in millimetres, world = LPS (x patient-left, y posterior, z superior).
 The centreline is built once for the whole canonical T1..L5 + sacrum column (so a level's shape
 and tilt do not depend on which range is rendered); the scoliosis offset is applied over the
-rendered range only.
+range the caller gives (the rendered range, widened to a realistic curve's length).
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def build_curve(kyphosis_deg: float, lordosis_deg: float, scoliosis_mm: float,
     z = -np.cumsum(np.cos(alpha) * ds)
     s0, s1 = scoliosis_range_s
     ph = np.clip((ss - s0) / max(s1 - s0, 1e-6), 0.0, 1.0)
-    x = scoliosis_mm * np.sin(np.pi * ph) ** 2  # zero slope at both ends of the rendered range
+    x = scoliosis_mm * np.sin(np.pi * ph) ** 2  # zero slope at both ends of its range
     # Put the body centre of L1 at y = 0, z = 0 (world origin is arbitrary otherwise).
     l1c = tops["L1"] + 0.5 * level_dims("L1").body_height_mm
     y -= np.interp(l1c, ss, y)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import InputError
 from ..progress import terminal
-from .ct import FRACTURE_TYPES, PHASES, CTPhantomConfig, generate_ct_phantom, level_range
+from .ct import FRACTURE_TYPES, PHASES, SCOLIOSIS_MIN_SPAN_MM, CTPhantomConfig, generate_ct_phantom, level_range
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trabecular HA density of a level, e.g. L1:85; repeatable")
     parser.add_argument("--marrow-fat", type=float, default=0.0, help="marrow fat fraction 0-1 (default 0)")
     parser.add_argument("--scoliosis", type=float, default=0.0, help="lateral deviation in mm (default 0)")
+    parser.add_argument("--scoliosis-span", type=float, default=SCOLIOSIS_MIN_SPAN_MM, metavar="MM",
+                        help=f"the scoliotic curve spans at least this much of the column (default "
+                             f"{SCOLIOSIS_MIN_SPAN_MM:g}; 0 = the rendered levels only, a tighter bend than anatomy)")
     parser.add_argument("--lordosis", type=float, default=30.0, help="lumbar lordosis in degrees (default 30)")
     parser.add_argument("--kyphosis", type=float, default=20.0, help="thoracic kyphosis in degrees (default 20)")
     parser.add_argument("--rods", action="store_true", help="add a K2HPO4 calibration phantom under the patient")
@@ -96,7 +99,8 @@ def config_from_args(args: argparse.Namespace) -> CTPhantomConfig:
         slice_thickness_mm=args.slice_thickness, densities_mg_cm3=densities or None,
         marrow_fat_fraction=args.marrow_fat, effective_kev=args.kev, noise_hu=args.noise,
         blur_fwhm_mm=args.blur, lordosis_deg=args.lordosis, kyphosis_deg=args.kyphosis,
-        scoliosis_mm=args.scoliosis, contrast_phase=args.phase.lower(), fractures=fractures,
+        scoliosis_mm=args.scoliosis, scoliosis_span_mm=args.scoliosis_span, contrast_phase=args.phase.lower(),
+        fractures=fractures,
         metal_level=args.metal, metal_artifacts=args.metal_artifacts, calibration_rods=args.rods, seed=args.seed,
         basivertebral_vein=args.basivertebral_vein,
     )
