@@ -520,7 +520,22 @@ def test_noisy_portal_venous_heart_is_found_as_a_pool():
     assert int((heart & (res.vertebrae.array > 0)).sum()) < 1000
     for name in ("T8", "T9", "T10"):
         vid = lv.level_id(name)
-        assert dice(res.vertebrae.array == vid, ph.vertebrae.array == vid) > 0.88, name   # 0.894-0.919
+        assert dice(res.vertebrae.array == vid, ph.vertebrae.array == vid) > 0.88, name   # measured 0.925-0.936
+
+
+def test_a_heart_chamber_wedged_between_a_body_and_the_lung_is_blood():
+    # The same view with its curve over 250 mm (the phantom's default): the heart lies against
+    # T8-T9 where it narrows between the body and the lung, and no 20 mm ball reaches that wedge.
+    # Its blood (2-12 mm from the balls' reach), joined to T9, stayed in the labels with islands
+    # inside the chamber: T9 0.894 / 0.882 while the pool's rim grew only 6 mm, as a vessel's does.
+    # Grown 14 mm over blood candidates once the vessels are known: measured 0.911 / 0.916.
+    ph = _phantom(first_level="T8", last_level="L1", contrast_phase="portal-venous", noise_hu=28.2,
+                  scoliosis_mm=-11.2, scoliosis_span_mm=250.0, lordosis_deg=39.5, kyphosis_deg=17.6,
+                  effective_kev=57.5, fractures={"T12": ("crush", 2)}, basivertebral_vein=True, seed=112)
+    res = segment_builtin(ph.image)
+    _assert_named_and_dice(ph, res, 0.905, 0.905)   # measured 0.911-0.950 / 0.916-0.959
+    heart = ph.tissues.array == TISSUE_IDS["heart"]
+    assert int((heart & (res.vertebrae.array == lv.level_id("T9"))).sum()) < 160   # measured 107 (270 before)
 
 
 def test_noisy_portal_venous_aorta_is_found_as_a_tube():
@@ -532,7 +547,7 @@ def test_noisy_portal_venous_aorta_is_found_as_a_tube():
                   kyphosis_deg=17.6, contrast_phase="portal-venous", effective_kev=57.5, seed=112,
                   fractures={"T12": ("crush", 2)}, basivertebral_vein=True)
     res = segment_builtin(ph.image)
-    _assert_named_and_dice(ph, res, 0.88, 0.88)     # measured 0.895-0.949 / 0.904-0.961
+    _assert_named_and_dice(ph, res, 0.88, 0.88)     # measured 0.918-0.948 / 0.941-0.961
     aorta = ph.tissues.array == TISSUE_IDS["aorta"]
     assert int((res.vertebrae.array[aorta] > 0).sum()) < 800     # measured 244
 

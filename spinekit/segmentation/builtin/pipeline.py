@@ -19,7 +19,7 @@ from .common import (BONE_HU, ROI_ANTERIOR_MM, ROI_LATERAL_MM, ROI_POSTERIOR_MM,
                      _working_spacing)
 from .canal import _track_canal
 from .discs import _disc_planes
-from .vessels import VESSEL_HU, _blood_pools, _find_vessels, _front_crop
+from .vessels import VESSEL_HU, _blood_pools, _find_vessels, _front_crop, _pool_wedges
 from .outline import _fill_body_holes, _native_labels
 from .ribs import _body_frames, _find_rib_stubs, _find_ribs, _give_rib_heads_back
 from .naming import _find_sacrum, _name_levels
@@ -139,7 +139,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     anterior = dy < front_mm
     # Contrast-filled heart chambers (and aneurysms) touching the thoracic bodies: blood pools
     # too thick to be bone (a ball no vertebral body can hold, discs cut bodies in height).
-    pool = _blood_pools(blood, hu_s, body, canal, front_mm, fc, enc_fc, sp)
+    pool, pool_hu = _blood_pools(blood, hu_s, body, canal, front_mm, fc, enc_fc, sp) or (None, None)
     if pool is not None:
         column &= ~pool
     # A contrast-filled aorta touching the bodies: smooth, homogeneous (no bright cortex) and
@@ -155,12 +155,16 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         pool_edge = ndi.binary_dilation(pool, structure=_SLICE, iterations=2) & ~pool
     # (blood found, pools and vessels: the native outline below must not grow back over it)
     blood_found = pool if pool is not None else np.zeros_like(column)
-    del pool
     found, lumen_min_hu, lumen_max_hu = _find_vessels(cand[fc], zone[fc], pool_edge[fc], hu_s[fc],
                                                       np.broadcast_to(dx, hu.shape)[fc],
                                                       np.broadcast_to(front_mm - dy, hu.shape)[fc],
                                                       enc_fc, nz, fc[0].start, sp)
     vessel[fc] = found
+    if pool is not None:
+        wedges = _pool_wedges(pool[fc], found, cand[fc], hu_s[fc], enc_fc, pool_hu, sp)
+        vessel[fc] |= wedges    # (taken out as the vessels are, nor filled back below)
+        del wedges
+    del pool
     column &= ~vessel
     blood_found |= vessel
     del cand, pool_edge, enc_fc, found
