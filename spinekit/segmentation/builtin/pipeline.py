@@ -139,7 +139,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     anterior = dy < front_mm
     # Contrast-filled heart chambers (and aneurysms) touching the thoracic bodies: blood pools
     # too thick to be bone (a ball no vertebral body can hold, discs cut bodies in height).
-    pool, pool_hu = _blood_pools(blood, hu_s, body, canal, front_mm, fc, enc_fc, sp) or (None, None)
+    pool, pool_hu = _blood_pools(blood, hu_s, body, canal, front_mm, fc, enc_fc, sp)
     if pool is not None:
         column &= ~pool
     # A contrast-filled aorta touching the bodies: smooth, homogeneous (no bright cortex) and

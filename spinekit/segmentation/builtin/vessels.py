@@ -397,8 +397,8 @@ def _blood_pools(blood, hu_s, body, canal, front_mm, crop, enc_fc, sp):
     """Contrast-enhanced blood pools in front of the column (heart chambers, aneurysms): the
     union of balls of radius BLOOD_POOL_RADIUS_MM inside blood-like tissue (a morphological
     opening by distance maps) in the front crop. No vertebral body holds such a ball: bodies are
-    under 40 mm tall between their discs. Returns the mask (full grid) and the pool's HU range, or
-    None when there is none."""
+    under 40 mm tall between their discs. Returns the mask (full grid) and the pool's HU range
+    (None, None when there is none)."""
     r_mm = BLOOD_POOL_RADIUS_MM
     zs, ys, _ = crop
     cy = canal["cy"][zs]
@@ -406,7 +406,7 @@ def _blood_pools(blood, hu_s, body, canal, front_mm, crop, enc_fc, sp):
     zone = body[crop] & (dy < front_mm[zs] - 4.0)
     cand = blood[crop] & zone
     if not cand.any():
-        return None
+        return None, None
     # Noise leaves single voxels of a pool below the blood threshold (portal-venous blood,
     # 150 HU, 28 HU noise at 2 mm: ~4 %, in clusters), and no ball fits between them: pockets up
     # to POOL_HOLE_MM2 that a slice of blood encloses are blood too. (Noisy T8-L1 phantom: largest
@@ -426,7 +426,7 @@ def _blood_pools(blood, hu_s, body, canal, front_mm, crop, enc_fc, sp):
     del holes, lab
     seeds = ndi.distance_transform_edt(cand, sampling=sp) > r_mm
     if not seeds.any():
-        return None
+        return None, None
     core = (ndi.distance_transform_edt(~seeds, sampling=sp) <= r_mm) & cand
     # The opening leaves the pool's rim where it meets a body: grown back a voxel over voxels
     # no brighter than the pool itself (the cortex is brighter and stays).
