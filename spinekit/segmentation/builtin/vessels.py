@@ -456,4 +456,4 @@ def _pool_wedges(pool_fc, vessel_fc, cand_fc, h_fc, enc_fc, pool_hu, sp):
     pool's HU, it took the front of the discs and moved a disc plane.)"""
     free = ~vessel_fc
     grown = _grow_rim(pool_fc & free, cand_fc & free, h_fc, *pool_hu, enc_fc, sp, POOL_WEDGE_MM)
-    return grown & ~pool_fc & free
+    return grown & ~pool_fc     # (grown within `free` only)
