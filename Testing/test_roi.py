@@ -8,7 +8,7 @@ import pytest
 from spinekit import levels as lv
 from spinekit.bmd.bench import synthetic_column
 from spinekit.bmd.roi import (MID_AP_SEMI_AXIS, MID_DEPTH_CENTRE_FROM_POSTERIOR, MID_HEIGHT_MM, MID_LR_SEMI_AXIS,
-                              roi_margin_mm, roi_statistics, trabecular_roi, trabecular_rois)
+                              level_crops, roi_margin_mm, roi_statistics, trabecular_roi, trabecular_rois)
 
 DENSITIES = {"T12": 60.0, "L1": 100.0, "L2": 150.0, "L3": 200.0, "L4": 80.0}
 
@@ -131,3 +131,15 @@ def test_adaptive_shell_keeps_cortex_out_of_a_generous_mask():
     exact = roi_statistics(col.ct, trabecular_rois(col.bodies, sp, "whole", ct=col.ct), sp)
     for st in exact.values():
         assert abs(st.hu_mean - col.truth[st.level]["trabecular_hu"]) < 3.0
+
+
+def test_level_crops_are_each_level_s_padded_box_in_the_whole_volume():
+    labels = np.zeros((30, 40, 50), np.uint8)
+    labels[5:9, 10:20, 30:35] = 20           # L1, well inside
+    labels[0:3, 38:40, 0:4] = 21             # L2, against three faces: the pad is clipped there
+    labels[20, 22, 44] = 20                  # a stray L1 voxel widens L1's box
+    labels[12:14, 5:7, 5:7] = 99             # no VerSe id: left out
+    crops = level_crops(labels, pad=2)
+    assert crops == {20: (slice(3, 23), slice(8, 25), slice(28, 47)),
+                     21: (slice(0, 5), slice(36, 40), slice(0, 6))}
+    assert level_crops(np.zeros((4, 4, 4), np.int16)) == {}

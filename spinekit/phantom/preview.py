@@ -42,13 +42,13 @@ def render_previews(phantom_or_image, labels=None, out_dir=".", prefix: str = "p
     nz, ny, nx = arr.shape
     if lab is not None and np.any(lab > 0):
         idx = np.argwhere(lab > 0)
-        cz, cy, cx = (int(round(c)) for c in idx.mean(axis=0))
+        cz, _, cx = (int(round(c)) for c in idx.mean(axis=0))
         ids = [i for i in np.unique(lab) if 0 < i < 26]
         if ids:  # axial slice through the centre of the level nearest L1 (VerSe 20)
             target = min(ids, key=lambda i: abs(int(i) - 20))
             cz = int(round(np.argwhere(lab == target)[:, 0].mean()))
     else:
-        cz, cy, cx = nz // 2, ny // 2, nx // 2
+        cz, cx = nz // 2, nx // 2
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
