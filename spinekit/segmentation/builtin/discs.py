@@ -19,6 +19,7 @@ CLOSE_DISC_FRACTION = 0.6  # endplate-only bands closer than this share of the d
 CLOSE_DISC_PERCENTILE = 75.0  # ... the spacing's centile over the gaps (a false band makes two short gaps)
 CLOSE_DISC_MERGED = 1.25   # ... and only where its two gaps merged are at most this share of the spacing
 WEAK_DISC_DEPTH = 0.85   # a tilted / narrow disc, accepted where the disc spacing expects one
+MARROW_BAND_REACH = 0.6  # banded weak dips this share of the disc spacing beside a bandless sure dip: its discs
 ENDPLATE_PERCENTILE = 25.0  # low percentile of body HU per slab: the disc content, not the bright rim
 ENDPLATE_REACH_MM = 6.0  # endplates lie this close above and below a disc's centre (thin thoracic discs)
 ENDPLATE_CONTRAST_HU = 40.0  # a disc band is this much darker than the endplates on both sides
@@ -273,6 +274,43 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
                 weak.remove(best)
                 changed = True
                 break
+    # Marrow darker than the discs (an osteoporotic body, ~45 mg/cm3) makes the deepest dip of the
+    # profile mid-body, measured against the body's own bright endplates: a sure "disc", while the
+    # real discs on either side, between those endplates and the next bodies', dip only weakly
+    # (random T11-L5 at 1.5x1.5x3 mm, T12 at 45 mg/cm3 with a vein: T12 split at its marrow, its
+    # halves merged with T11 and L1, T11 lost). Marrow bands are no guide there (a vein's band
+    # 180 HU). So a sure dip is swapped for two clearly banded weak dips about a vertebra apart
+    # within MARROW_BAND_REACH of the spacing on either side of it where that makes the vertebrae's
+    # heights more regular: the largest deviation from the spacing (log ratio) over the gaps it
+    # changes, a view's end segment counted where longer than the spacing.
+    def irregularity(cuts, lo, hi, spacing, lo_disc, hi_disc):
+        """The largest |log(gap / spacing)| between lo, the cuts and hi; a segment reaching the
+        view's end (lo or hi no disc) counted only where longer than the spacing."""
+        gaps = np.diff([lo] + cuts + [hi]).astype(float)
+        keep = np.ones(gaps.size, bool)
+        keep[0] = lo_disc or gaps[0] > spacing
+        keep[-1] = hi_disc or gaps[-1] > spacing
+        return float(np.abs(np.log(gaps[keep] / spacing)).max(initial=0.0))
+
+    for p in list(chosen) if valley is not None and len(chosen) >= 2 else []:
+        i = chosen.index(p)
+        gaps = np.diff(chosen)
+        others = np.delete(gaps, [j for j in (i - 1, i) if 0 <= j < gaps.size])
+        spacing = float(np.percentile(others, CLOSE_DISC_PERCENTILE)) if others.size else DEFAULT_PITCH_MM / bw
+        lo_disc, hi_disc = i > 0, i + 1 < len(chosen)
+        lo = chosen[i - 1] if lo_disc else 0
+        hi = chosen[i + 1] if hi_disc else nb - 1
+        banded = [q for q in weak if band_hu(q) >= 2 * ENDPLATE_CONTRAST_HU]
+        below = [q for q in banded if lo < q < p and p - q <= MARROW_BAND_REACH * spacing
+                 and (q - lo) * bw >= MIN_VERTEBRA_MM]
+        above = [q for q in banded if p < q < hi and q - p <= MARROW_BAND_REACH * spacing
+                 and (hi - q) * bw >= MIN_VERTEBRA_MM]
+        pairs = [(irregularity([a, b], lo, hi, spacing, lo_disc, hi_disc), a, b) for a in below for b in above
+                 if CLOSE_DISC_FRACTION * spacing <= b - a <= CLOSE_DISC_MERGED * spacing]
+        if pairs and min(pairs)[0] < irregularity([p], lo, hi, spacing, lo_disc, hi_disc):
+            _, a, b = min(pairs)
+            chosen = sorted([q for q in chosen if q != p] + [a, b])
+            weak = [q for q in weak if q not in (a, b)]
     # The marrow of an osteoporotic body can dip nearly as deep as a disc (random T9-L1 at 2x2x3
     # mm, T11 at 52 mg/cm3 with a basivertebral vein: 0.58 of its flanks, taken where the spacing
     # expected a disc, ahead of the real one 8 bins above on the depth of its dip; T11 split in
