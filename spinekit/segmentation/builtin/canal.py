@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from .common import _SLICE, _enclosed
+from .common import ENCLOSURE_REACH_MM, _SLICE, _enclosed
 
 
 SOFT_LOW_HU = -250.0     # canal content (CSF, cord, epidural fat) lies above this
@@ -51,7 +51,7 @@ def _track_canal(hu, bone, body, sp):
     y_back = np.where(has, ny - 1 - rows[:, ::-1].argmax(axis=1), -np.inf)
     del rows
 
-    enc = _enclosed(bone, int(round(25.0 / sp)))
+    enc = _enclosed(bone, int(round(ENCLOSURE_REACH_MM / sp)))
     # Canal content by a more smoothed HU: noise pockets inside a low-density body (~85 HU)
     # must not pass for CSF (~10 HU).
     hu_c = ndi.gaussian_filter(hu, 1.5 / sp)

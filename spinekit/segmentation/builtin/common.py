@@ -20,6 +20,7 @@ MAX_WORKING_VOXELS = 40e6  # ... and its largest (a 160x160x180 torso at 3 mm on
 BONE_HU = 180.0          # cortical shell / dense trabecular bone after light smoothing
 TRABECULAR_HU = 115.0    # normal trabecular bone; discs (~85 HU) and muscle stay below
 TRABECULAR_MIN_DIRS = 5  # ... and it lies inside a cortical ring: bone in most in-plane directions
+ENCLOSURE_REACH_MM = 25.0  # ... met within this reach (_enclosed)
 ROI_ANTERIOR_MM = 70.0   # column box around the canal centre
 ROI_POSTERIOR_MM = 55.0
 ROI_LATERAL_MM = 50.0

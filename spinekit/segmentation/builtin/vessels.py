@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from .common import BONE_HU, ROI_ANTERIOR_MM, ROI_LATERAL_MM, TRABECULAR_HU, _SLICE
+from .common import BONE_HU, ENCLOSURE_REACH_MM, ROI_ANTERIOR_MM, ROI_LATERAL_MM, TRABECULAR_HU, _SLICE, _enclosed
 
 
 VESSEL_HU = (160.0, 520.0)  # contrast-filled aorta (arterial phase up to ~350-450 HU)
@@ -177,8 +177,14 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
                     tubes.append((o, good, axes[0], tube_min_hu, tube_max_hu))
                 del lumen
     found = vessel_fc.copy()
+    bright_enc = None
     for tube in tubes:
-        _carry_tube(vessel_fc, found, h_fc, enc_fc, *tube)
+        enc = enc_fc
+        if tube[3] > BONE_HU:
+            if bright_enc is None:
+                bright_enc = _bright_lumen_enclosure(h_fc, lumen_max_hu, sp)
+            enc = bright_enc
+        _carry_tube(vessel_fc, found, h_fc, enc, *tube)
     del found
     if vessel_fc.any():
         vessel_fc |= _vessel_branches(cand_full, vessel_fc, h_fc, dx_fc, lumen_min_hu, lumen_max_hu, sp)
@@ -205,6 +211,16 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
             for _ in range(max(1, int(round(VESSEL_RIM_MM / sp)))):
                 vessel_fc |= lower & (h_fc <= ndi.maximum_filter(np.where(vessel_fc, h_fc, -np.inf), footprint=_SLICE))
     return vessel_fc, lumen_min_hu, lumen_max_hu
+
+
+def _bright_lumen_enclosure(h_fc, lumen_max_hu, sp):
+    """In-plane directions with bone about a lumen brighter than BONE_HU, for carrying its tube on.
+    Such a lumen counts as bone in the enclosure count, so every voxel of it is enclosed there
+    and the carry stopped at once; its bone is what is brighter than the lumens, the cortex.
+    (Random arterial T7-T12 at 1.5x1.5x1.25 mm, 19 mm scoliosis: the aorta's tube merged with T12
+    over the view's last 33 mm, where a disc held on the tube's end missed half the bending
+    lumen; it stayed in T12, whole / body 0.880 / 0.854.)"""
+    return _enclosed(h_fc > lumen_max_hu, int(round(ENCLOSURE_REACH_MM / sp)))
 
 
 def _carry_tube(vessel_fc, found, h_fc, enc_fc, o, good, axis, min_hu, max_hu) -> None:
