@@ -178,13 +178,13 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
                 del lumen
     found = vessel_fc.copy()
     bright_enc = None
-    for tube in tubes:
+    for o, good, axis, tube_min_hu, tube_max_hu in tubes:
         enc = enc_fc
-        if tube[3] > BONE_HU:
+        if tube_min_hu > BONE_HU:
             if bright_enc is None:
                 bright_enc = _bright_lumen_enclosure(h_fc, lumen_max_hu, sp)
             enc = bright_enc
-        _carry_tube(vessel_fc, found, h_fc, enc, *tube)
+        _carry_tube(vessel_fc, found, h_fc, enc, o, good, axis, tube_min_hu, tube_max_hu)
     del found
     if vessel_fc.any():
         vessel_fc |= _vessel_branches(cand_full, vessel_fc, h_fc, dx_fc, lumen_min_hu, lumen_max_hu, sp)
