@@ -738,6 +738,35 @@ def test_rib_pair_is_judged_at_its_middle():
     assert [_rib_level(segs, frames, p, 1.5).label for p in judged] == [2, 2, 1, 1]
 
 
+def test_a_rib_broken_at_its_neck_is_one_rib():
+    # Working voxels of 2 mm: a short piece at the column box's wall (the rib's neck, 3 voxels)
+    # and, one empty voxel further out, the rib's shaft, which reaches no wall; another rib's
+    # shaft 4 voxels (8 mm) away. The stub is joined to the shaft 4 mm from it, not to the other.
+    from spinekit.segmentation.builtin.ribs import _linked_shaft
+
+    lab = np.zeros((20, 10, 40), np.int32)
+    lab[5, 5, 10:13] = 1          # neck stub
+    lab[5, 5, 14:30] = 2          # its shaft, 4 mm out
+    lab[9, 5, 10:30] = 3          # the next rib, 8 mm away
+    objs = ndi.find_objects(lab)
+    assert _linked_shaft(lab, objs, 0, {1, 2}, 2.0) == 1
+    assert _linked_shaft(lab, objs, 0, {2}, 2.0) is None     # (a shaft with a root of its own is no orphan)
+
+
+def test_a_thoracic_view_whose_lowest_ribs_broke_at_the_neck_is_not_named_from_them():
+    # Random native T4-T8 at 2x2x3 mm, 20 HU noise, T5 crushed: both of T8's ribs broke at the
+    # neck into a stub at the column box's wall and a shaft 2.8-4.0 mm further out. Seen as no
+    # rib, T8 was a rib-free vertebra below the last rib, and the view was named T9-L1 with
+    # confidence 0.85. Joined, T8 bears ribs, no anchor is in view, and the names are a guess.
+    ph = _phantom(first_level="T4", last_level="T8", spacing_mm=(2.0, 2.0, 3.0), noise_hu=20.2, seed=572,
+                  scoliosis_mm=18.8, scoliosis_span_mm=250.0, kyphosis_deg=31.1, lordosis_deg=40.9,
+                  effective_kev=69.9, basivertebral_vein=True, fractures={"T5": ("crush", 3)},
+                  densities_mg_cm3={"T4": 155, "T5": 194, "T6": 249, "T7": 79, "T8": 61})
+    whole, body = _unanchored_dice(ph)
+    assert min(whole.values()) >= 0.88, whole      # measured 0.897-0.926 (T5, crushed, 0.897)
+    assert min(body.values()) >= 0.87, body        # measured 0.880-0.950
+
+
 def test_scoliotic_view_without_sacrum_is_named_from_both_12th_ribs():
     # T12-L3 with a tight scoliotic curve (19 mm, kyphosis 36, lordosis 46 deg): the right 12th
     # rib leaves the column 14 mm lower than the left one and was given to L1 by height alone,
@@ -1824,6 +1853,45 @@ def test_an_osteoporotic_body_darker_than_its_discs_is_neither_split_nor_merged(
                   densities_mg_cm3={"L1": 65, "L2": 187, "L3": 148, "L4": 111, "L5": 224, "T11": 81, "T12": 45})
     res = segment_builtin(ph.image)
     _assert_named_and_dice(ph, res, whole_min=0.9, body_min=0.9)   # measured 0.923-0.946 / 0.926-0.952
+
+
+def test_faint_bands_in_every_short_body_are_no_discs():
+    from spinekit.segmentation.builtin.discs import _find_discs
+
+    # Measured profile (share of its maximum, 1.5 mm bins) and endplate valleys (HU) of a random
+    # portal-venous T5-T9 view at 0.9x0.9x2.5 mm (below). No density dip is sure; the discs are
+    # bands of 289-430 HU (20, 37, 53, 70), and each short upper-thoracic body's marrow, between
+    # endplates blurred by the slices, a faint band of 50-52 HU (45, 62, 78). Evenly spaced,
+    # they made every gap half a pitch: each body was split in two.
+    prof = np.array([
+        3.2, 11.5, 30.7, 48.4, 59.9, 67.5, 74.8, 83.1, 88.7, 91.2, 94.2, 97.6, 100.0, 98.4, 95.3, 91.5, 89.4, 88.4,
+        81.5, 67.5, 62.4, 75.4, 78.2, 73.6, 67.5, 63.0, 58.9, 56.9, 56.8, 58.8, 63.5, 67.2, 68.3, 71.3, 75.6, 78.7,
+        74.3, 56.9, 64.6, 69.6, 79.9, 83.0, 83.6, 82.7, 83.1, 85.0, 86.4, 85.5, 83.8, 81.6, 79.2, 76.7, 71.9, 55.9,
+        46.5, 57.1, 64.0, 71.6, 72.1, 72.6, 73.9, 74.8, 76.3, 78.3, 79.6, 78.9, 73.7, 69.9, 69.3, 66.1, 57.1, 59.2,
+        63.4, 66.7, 65.1, 63.9, 64.1, 64.7, 66.9, 69.9, 70.7, 67.9, 63.3, 56.7, 47.5, 33.9, 9.4])
+    valley = np.full(prof.size, -np.inf)
+    valley[[3, 8, 9, 10, 11, 12, 17, 19, 20, 21, 27, 28, 29, 37, 38, 39, 44, 45, 52, 53, 61, 62, 63, 65, 70, 71,
+            77, 78, 79]] = [33, 1, 1, 2, 0, 1, 32, 232, 298, 38, 2, 28, 15, 303, 110, 62, 2, 50, 140, 430, 3, 52, 4,
+                            0, 289, 153, 40, 50, 26]
+    discs, _ = _find_discs(prof, 1.5, valley)
+    assert discs == [20, 37, 53, 70]
+    # A faint band where a disc is due (without it, the stretch between clear bands is two
+    # pitches long) stays a disc.
+    valley[[45, 52, 62, 78]] = -np.inf
+    valley[53] = 45.0
+    assert _find_discs(prof, 1.5, valley)[0] == [20, 37, 53, 70]
+
+
+def test_short_thoracic_bodies_with_faint_marrow_bands_are_not_split():
+    # The view of the test above end to end: T5-T8 each split in two before (whole 0.53-0.66).
+    ph = _phantom(first_level="T5", last_level="T9", spacing_mm=(0.9, 0.9, 2.5), noise_hu=5.2, seed=27,
+                  scoliosis_mm=11.6, scoliosis_span_mm=250.0, kyphosis_deg=19.7, lordosis_deg=28.0,
+                  contrast_phase="portal-venous", effective_kev=55.7, fractures={"T7": ("biconcave", 2)},
+                  densities_mg_cm3={"T5": 84, "T6": 176, "T7": 243, "T8": 44, "T9": 192})
+    whole, body = _unanchored_dice(ph)
+    assert len(whole) == 5
+    assert min(whole.values()) >= 0.92, whole      # measured 0.941-0.955
+    assert min(body.values()) >= 0.92, body        # measured 0.934-0.957
 
 
 def test_band_on_a_shallow_density_floor_is_still_a_candidate():

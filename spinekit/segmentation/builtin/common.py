@@ -45,6 +45,7 @@ class _Segment:
     label: int = 0           # working index 1..n (caudal -> cranial)
     name: str = ""
     ribs: int = 0
+    broken_ribs: int = 0     # of `ribs`, those found as a neck stub and a shaft apart (_find_ribs)
     rib_stubs: int = 0       # ribs cut short by the scan's end (evidence for a guess, not an anchor)
     flags: list = field(default_factory=list)
 
