@@ -315,7 +315,8 @@ def _paired_roots(roots, sides, frames, sp):
 
 def _find_ribs(segs, vert, frames, bone, box, dx, sp):
     """Count ribs per vertebra: elongated bone pieces outside the column box whose medial end
-    meets the box's lateral wall next to the column. A rib is given to the vertebra whose room
+    meets the box's lateral wall next to the column (or a short piece there with such a piece
+    that reaches no wall within RIB_LINK_MM: a rib broken at its neck). A rib is given to the vertebra whose room
     between its disc planes holds that medial end, or its pair's middle (_paired_roots,
     _rib_level; ribs slope down, so labels of the bone they touch are less reliable than the
     body level)."""
