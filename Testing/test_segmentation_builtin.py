@@ -1882,6 +1882,27 @@ def test_faint_bands_in_every_short_body_are_no_discs():
     assert _find_discs(prof, 1.5, valley)[0] == [20, 37, 53, 70]
 
 
+def test_a_faint_band_is_judged_against_the_clearer_band_beside_it():
+    from spinekit.segmentation.builtin.discs import _find_discs
+
+    # Measured profile and endplate valleys (HU) of a random native T4-T8 view at 0.7x0.7x3 mm
+    # (below): disc bands at 20, 36, 52, 68 (255, 216, 220, 195 HU), T5's and T6's marrow bands
+    # at 44 (51 HU) and 60 (49 HU). 60 lay just over a quarter of the weaker band beside it
+    # (195 HU); kept as clear, its half-pitch gaps made the spacing that kept 44 too, and T5 and
+    # T6 were each split in two (whole 0.60 and 0.52).
+    prof = np.array([
+        2.9, 12.4, 22.1, 36.3, 51.1, 64.6, 73.1, 77.9, 88.0, 94.5, 97.1, 97.6, 99.5, 100.0, 98.1, 95.2, 93.4, 93.7,
+        86.2, 75.7, 74.6, 81.1, 85.3, 83.4, 85.1, 86.3, 86.4, 86.4, 87.7, 89.9, 91.0, 89.2, 85.1, 81.9, 82.4, 79.9,
+        72.8, 72.7, 74.9, 78.5, 78.4, 75.5, 74.7, 74.3, 75.1, 76.6, 79.2, 81.0, 81.6, 79.3, 78.1, 76.7, 69.6, 67.5,
+        69.3, 74.0, 74.8, 74.4, 75.4, 75.7, 76.8, 78.6, 80.4, 81.1, 78.0, 73.3, 71.8, 68.9, 62.7, 64.2, 67.0, 69.2,
+        70.5, 71.0, 71.2, 72.3, 74.2, 74.6, 72.2, 67.9, 60.2, 51.1, 27.9, 5.5])
+    valley = np.full(prof.size, -np.inf)
+    valley[[5, 7, 8, 9, 10, 18, 19, 20, 21, 23, 26, 27, 29, 30, 36, 37, 42, 43, 44, 45, 46, 52, 53, 55, 59, 60, 61,
+            67, 68, 74, 75, 76, 77]] = [88, 6, 6, 2, 5, 51, 254, 255, 119, 3, 2, 2, 1, 0, 216, 190, 1, 6, 51, 7, 0,
+                                        220, 147, 8, 16, 49, 10, 11, 195, 38, 116, 46, 9]
+    assert _find_discs(prof, 1.5, valley)[0] == [20, 36, 52, 68]
+
+
 def test_short_thoracic_bodies_with_faint_marrow_bands_are_not_split():
     # The view of the test above end to end: T5-T8 each split in two before (whole 0.53-0.66).
     ph = _phantom(first_level="T5", last_level="T9", spacing_mm=(0.9, 0.9, 2.5), noise_hu=5.2, seed=27,
