@@ -1855,6 +1855,59 @@ def test_an_osteoporotic_body_darker_than_its_discs_is_neither_split_nor_merged(
     _assert_named_and_dice(ph, res, whole_min=0.9, body_min=0.9)   # measured 0.923-0.946 / 0.926-0.952
 
 
+def test_marrow_between_the_depressed_endplates_of_a_biconcave_body_is_no_disc():
+    from spinekit.segmentation.builtin.discs import _find_discs
+
+    # Measured profile (share of its maximum, 1.5 mm bins) and endplate valleys (HU) of a random
+    # arterial L1-L4 view at 0.9x0.9x3 mm (below). L3, a grade-3 biconcave fracture at 42 mg/cm3,
+    # holds a sure dip at 34 between its two depressed endplates, its dark marrow a 135-178 HU band
+    # (27-32) beside it; so the rule for unbanded marrow dips kept it. Its gaps, 9 and 13 bins
+    # against a spacing of 24, are shorter than any vertebra with its disc (a grade-3 crush keeps
+    # over half a pitch): L3 was split in two.
+    prof = np.array([
+        5.3, 25.1, 36.9, 38.7, 40.6, 42.9, 45.9, 48.1, 50.1, 52.1, 53.8, 55.9, 59.7, 59.6, 59.4, 59.1, 61.0, 62.9,
+        64.7, 65.2, 63.4, 65.1, 71.6, 47.3, 10.1, 4.7, 23.2, 50.8, 56.3, 52.0, 53.1, 59.5, 50.2, 36.2, 26.4, 28.1,
+        33.0, 39.5, 43.7, 52.9, 61.5, 65.6, 65.8, 64.3, 65.2, 68.9, 46.5, 18.3, 18.6, 42.7, 66.2, 77.0, 84.1, 84.6,
+        90.6, 98.1, 96.5, 96.2, 96.3, 98.0, 100.0, 99.8, 97.9, 95.7, 91.9, 86.4, 81.7, 81.2, 86.0, 78.7, 45.4, 29.2,
+        46.5, 68.0, 81.4, 75.0, 65.7, 58.1, 51.2, 49.2, 46.6, 46.2, 48.6, 51.5, 55.3, 51.2, 45.8, 45.0, 47.6, 52.7,
+        44.8, 40.0, 40.5, 35.3, 21.5, 6.1])
+    valley = np.full(prof.size, -np.inf)
+    valley[[3, 7, 9, 10, 11, 12, 13, 16, 24, 27, 28, 29, 32, 35, 37, 38, 39, 43, 45, 48, 58, 59, 60, 61, 62, 63, 66,
+            70, 72, 79, 80, 81, 82, 83, 84, 85, 86, 88]] = [
+        13, 0, 0, 2, 2, 2, 2, 1, 2, 160, 135, 135, 178, 5, 24, 25, 6, 4, 50, 62, 2, 2, 1, 0, 0, 0, 0, 79, 78, 2, 1, 1,
+        0, 1, 1, 1, 1, 0]
+    discs, _ = _find_discs(prof, 1.5, valley)
+    assert discs == [25, 47, 71]
+
+
+def test_a_grade_3_biconcave_osteoporotic_body_is_not_split():
+    # The view of the test above end to end (random seed 698); no anchor in view: matched by overlap.
+    ph = _phantom(first_level="L1", last_level="L4", spacing_mm=(0.9, 0.9, 3.0), noise_hu=16.6, scoliosis_mm=-7.3,
+                  scoliosis_span_mm=CTPhantomConfig().scoliosis_span_mm, lordosis_deg=29.0, kyphosis_deg=24.5,
+                  contrast_phase="arterial", effective_kev=77.8, basivertebral_vein=True, seed=698,
+                  fractures={"L3": ("biconcave", 3)}, densities_mg_cm3={"L1": 64, "L2": 123, "L3": 42, "L4": 72})
+    whole, body = _unanchored_dice(ph)
+    # measured 0.943-0.961 whole, 0.937-0.952 bodies (L3 0.62 / 0.55, split, before)
+    assert min(whole.values()) >= 0.9 and min(body.values()) >= 0.9, (whole, body)
+
+
+def test_dark_marrow_round_a_basivertebral_vein_stays_in_the_body():
+    # Random arterial T5-T12 view at 1.5x1.5x1 mm (seed 357), T9 at 45 mg/cm3 with a basivertebral
+    # vein; no anchor in view (no rib-free vertebra below T12): matched by overlap. The vein's
+    # channel opens into the canal, so in 3D the marrow lining it is surface, and the outline trim
+    # dropped it where it read under half the bone beside it: 325 voxels of T9's body in-plane
+    # interior, and the channel itself left out (T9 0.914 whole / 0.899 body, T10 0.928 / 0.919,
+    # T12 0.931 / 0.920). Bodies are solid.
+    ph = _phantom(first_level="T5", last_level="T12", spacing_mm=(1.5, 1.5, 1.0), noise_hu=6.1, scoliosis_mm=6.3,
+                  scoliosis_span_mm=CTPhantomConfig().scoliosis_span_mm, lordosis_deg=45.9, kyphosis_deg=15.1,
+                  contrast_phase="arterial", effective_kev=73.8, basivertebral_vein=True, seed=357,
+                  densities_mg_cm3={"T5": 224, "T6": 164, "T7": 145, "T8": 167, "T9": 45, "T10": 80, "T11": 182,
+                                    "T12": 113})
+    whole, body = _unanchored_dice(ph)
+    # measured 0.945-0.963 whole, 0.951-0.968 bodies
+    assert min(whole.values()) >= 0.94 and min(body.values()) >= 0.94, (whole, body)
+
+
 def test_faint_bands_in_every_short_body_are_no_discs():
     from spinekit.segmentation.builtin.discs import _find_discs
 
