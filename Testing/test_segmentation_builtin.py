@@ -1908,6 +1908,39 @@ def test_dark_marrow_round_a_basivertebral_vein_stays_in_the_body():
     assert min(whole.values()) >= 0.94 and min(body.values()) >= 0.94, (whole, body)
 
 
+def test_bodies_are_refilled_round_an_open_pocket_but_not_inside_an_endplate_rim():
+    from spinekit.segmentation.builtin.outline import _fill_body_holes
+
+    # A body (label 3; z, y, x) whose vein channel runs from its centre out through the back wall,
+    # with the dark marrow lining it dropped by the trim: open to the outside, so no 3D hole and
+    # none in the axial slices it crosses, but enclosed in coronal planes. Its last slice is only
+    # the endplate's rim, a ring round the disc: an axial hole, open to the disc below in the other
+    # planes. A neighbour's voxel (label 4) inside the body's outline stays the neighbour's.
+    zz, yy, xx = np.mgrid[:12, :20, :20]
+    inside = (yy - 10) ** 2 + (xx - 10) ** 2 <= 49
+    channel = (zz >= 5) & (zz <= 6) & (np.abs(xx - 10) <= 1) & (yy >= 10)
+    lining = (zz >= 4) & (zz <= 7) & (np.abs(xx - 10) <= 2) & (yy >= 8) & (yy <= 15)
+    pocket = (channel | lining) & inside
+    rim = (zz == 1) & inside & ((yy - 10) ** 2 + (xx - 10) ** 2 >= 25)
+    disc = (zz == 1) & inside & ~rim
+
+    def labels():
+        bodies = np.where((inside & (zz >= 2) & (zz <= 9) & ~pocket) | rim, 3, 0).astype(np.uint8)
+        vert = bodies.copy()
+        vert[3, 10, 10], bodies[3, 10, 10] = 4, 0
+        return vert, bodies
+
+    vert, bodies = labels()
+    _fill_body_holes(vert, bodies, axes=(0,))
+    assert not bodies[pocket & (zz >= 5) & (zz <= 6)].any() and bodies[disc].all()   # axial planes alone
+    vert, bodies = labels()
+    _fill_body_holes(vert, bodies, axes=(1, 2))
+    held = pocket & (yy < 17)   # (where the channel leaves the wall, nothing encloses it)
+    assert (bodies[held] == 3).all() and (vert[held] == 3).all()
+    assert not bodies[disc].any() and not vert[disc].any()
+    assert vert[3, 10, 10] == 4 and bodies[3, 10, 10] == 0
+
+
 def test_faint_bands_in_every_short_body_are_no_discs():
     from spinekit.segmentation.builtin.discs import _find_discs
 
