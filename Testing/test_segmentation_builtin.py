@@ -1908,6 +1908,25 @@ def test_dark_marrow_round_a_basivertebral_vein_stays_in_the_body():
     assert min(whole.values()) >= 0.94 and min(body.values()) >= 0.94, (whole, body)
 
 
+def test_hole_filling_by_labelling_matches_scipy():
+    from spinekit.segmentation.builtin.common import _SLICE, _SLICE8, _fill_holes
+
+    # _fill_holes labels the background once instead of flooding it (2.1 -> 0.6 s of fills on a
+    # 512x512x400 CT); it must give scipy's voxels exactly, the view's faces included: in-plane
+    # structures leave a slice's holes filled at the ends of the stack.
+    rng = np.random.default_rng(7)
+    for it in range(120):
+        mask = rng.random(tuple(rng.integers(1, 12, size=3))) < rng.uniform(0.2, 0.8)
+        if it % 2:
+            mask = ndi.binary_dilation(mask)
+        for structure in (None, _SLICE, _SLICE8, ndi.generate_binary_structure(3, 3)):
+            assert (_fill_holes(mask, structure) == ndi.binary_fill_holes(mask, structure=structure)).all()
+    ring = np.zeros((2, 9, 9), bool)
+    ring[:, 2:7, 2:7] = True
+    ring[:, 3:6, 3:6] = False
+    assert _fill_holes(ring, _SLICE)[:, 3:6, 3:6].all() and not _fill_holes(ring)[:, 3:6, 3:6].any()
+
+
 def test_bodies_are_refilled_round_an_open_pocket_but_not_inside_an_endplate_rim():
     from spinekit.segmentation.builtin.outline import _fill_body_holes
 

@@ -30,6 +30,24 @@ _SLICE8 = np.zeros((3, 3, 3), bool)
 _SLICE8[1] = True
 
 
+def _fill_holes(mask: np.ndarray, structure=None) -> np.ndarray:
+    """ndi.binary_fill_holes(mask, structure), from one labelling of the background instead of
+    flooding it a step per iteration (the same voxels: those no chain of `structure` steps joins
+    to outside the array; several times faster on a column-sized box)."""
+    mask = np.asarray(mask, bool)
+    if structure is None:
+        structure = ndi.generate_binary_structure(mask.ndim, 1)
+    background = np.pad(~mask, 1, constant_values=True)
+    lab, n = ndi.label(background, structure)
+    outside = np.zeros(n + 1, bool)
+    for axis in range(mask.ndim):
+        for end in (0, -1):
+            outside[np.unique(lab.take(end, axis=axis))] = True
+    outside[0] = False
+    inner = tuple(slice(1, -1) for _ in range(mask.ndim))
+    return ~outside[lab[inner]]
+
+
 @dataclass
 class _Grid:
     """The internal working grid: axis-aligned LPS, isotropic spacing."""
@@ -150,7 +168,7 @@ def _to_native(labels: np.ndarray, grid: _Grid, image: Image) -> np.ndarray:
 
 def _body_mask(hu: np.ndarray) -> np.ndarray:
     body = largest_component(hu > -400)
-    return ndi.binary_fill_holes(body, structure=_SLICE)
+    return _fill_holes(body, structure=_SLICE)
 
 
 def _enclosed(bone: np.ndarray, reach_vox: int) -> np.ndarray:
