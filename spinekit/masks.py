@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+# 4-connectivity within each axial slice of a [z, y, x] stack (fill_holes then fills slice by slice)
+IN_SLICE = np.zeros((3, 3, 3), bool)
+IN_SLICE[1] = ndimage.generate_binary_structure(2, 1)
+
 
 def largest_component(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
     """The largest connected object of a boolean mask (the mask itself when it is empty)."""
@@ -16,6 +20,25 @@ def largest_component(mask: np.ndarray, structure: np.ndarray | None = None) -> 
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return labels == int(np.argmax(sizes))
+
+
+def fill_holes(mask: np.ndarray, structure=None) -> np.ndarray:
+    """ndimage.binary_fill_holes(mask, structure), from one labelling of the background instead
+    of flooding it a step per iteration: the same voxels (those no chain of `structure` steps
+    joins to outside the array), several times faster on a column-sized box. With an in-plane
+    structure every slice is filled on its own, as a loop over 2D fills would."""
+    mask = np.asarray(mask, bool)
+    if structure is None:
+        structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    background = np.pad(~mask, 1, constant_values=True)
+    lab, n = ndimage.label(background, structure)
+    outside = np.zeros(n + 1, bool)
+    for axis in range(mask.ndim):
+        for end in (0, -1):
+            outside[np.unique(lab.take(end, axis=axis))] = True
+    outside[0] = False
+    inner = tuple(slice(1, -1) for _ in range(mask.ndim))
+    return ~outside[lab[inner]]
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:

@@ -42,7 +42,7 @@ from scipy.stats import trim_mean
 
 from ..errors import InputError
 from ..image import Image
-from ..masks import largest_component
+from ..masks import IN_SLICE, fill_holes, largest_component
 
 TISSUES = ("air", "fat", "muscle", "aorta", "ivc")
 
@@ -191,7 +191,7 @@ def body_mask(smooth: np.ndarray, spacing: tuple) -> np.ndarray:
     # (edge padding: the image border must not erode a body that runs out of the field of view)
     m = ndi.binary_opening(np.pad(m, [(0, 0), (py, py), (px, px)], mode="edge"), structure=st)[:, py:-py, px:-px]
     m = largest_component(m)
-    return np.stack([ndi.binary_fill_holes(s) for s in m])
+    return fill_holes(m, structure=IN_SLICE)
 
 
 def _bone_column_at(smooth: np.ndarray, body: np.ndarray, spacing: tuple, threshold_hu: float) -> np.ndarray:
@@ -209,7 +209,7 @@ def _bone_column_at(smooth: np.ndarray, body: np.ndarray, spacing: tuple, thresh
         # filling the cortical ring makes the vertebral body one solid, largest object
         # (closing first: at coarse voxels the thin cortex of a porotic body has gaps)
         ring = ndi.binary_closing((smooth[z] > threshold_hu) & strip, structure=_disk(4.0, spacing[1:]))
-        col[z] = largest_component(ndi.binary_fill_holes(ring))
+        col[z] = largest_component(fill_holes(ring))
     # keep the column: the largest 3D object of the per-slice picks
     return largest_component(col)
 

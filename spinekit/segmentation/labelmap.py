@@ -18,6 +18,7 @@ from scipy import ndimage
 
 from .. import levels as lv
 from ..errors import InputError
+from ..masks import fill_holes
 from ..image import Image
 from ..progress import Progress, report
 from .base import SegmentationResult, records_from_labels
@@ -325,7 +326,7 @@ def bodies_from_vertebrae(vertebrae: Image, image: Optional[Image] = None) -> np
             idx[slice_axis] = k
             plane = m[tuple(idx)]
             if plane.any():
-                holes[tuple(idx)] = ndimage.binary_fill_holes(plane) & ~plane
+                holes[tuple(idx)] = fill_holes(plane) & ~plane
         vox = np.argwhere(m)
         pts = geom.index_to_physical(vox + offset)
         centre = pts.mean(axis=0)

@@ -11,10 +11,11 @@ from scipy.signal import fftconvolve
 
 from ... import levels as lv
 from ...image import Image
+from ...masks import fill_holes
 from ...progress import report
 from ..base import superior_axis
 from ..metal import METAL_MIN_HU
-from .common import _SLICE, _SLICE8, _crop_image, _fill_holes, _native_box, _shifted, _to_native
+from .common import _SLICE, _SLICE8, _crop_image, _native_box, _shifted, _to_native
 
 
 NATIVE_EDGE_HU = 250.0   # outline on a fine native grid (half-way soft tissue to cortex)
@@ -154,7 +155,7 @@ def _open_metal_slices(vert: np.ndarray, bodies: np.ndarray, sub: Image) -> None
             # slice's own ring, it is no bone.
             fill = kept & ~beyond & ~metal[idx]
             rest = kept & ~fill
-            fill &= _fill_holes(rest, structure=in_plane4)
+            fill &= fill_holes(rest, structure=in_plane4)
             fl, fn = ndi.label(fill, structure=in_plane4)
             if fn:
                 area_mm2 = np.bincount(fl.ravel())[1:] * float(np.prod(in_plane))
@@ -235,7 +236,7 @@ def _fill_body_holes(vert: np.ndarray, bodies: np.ndarray, axes=(0, 1, 2)) -> No
             idx = [slice(None)] * 3
             idx[axis] = 1
             st[tuple(idx)] = ndi.generate_binary_structure(2, 1)
-            filled |= _fill_holes(filled, structure=st)
+            filled |= fill_holes(filled, structure=st)
         v = vert[o]
         new = filled & ~m & (bodies[o] == 0) & ((v == 0) | (v == i + 1))   # (not a neighbour's bone)
         bodies[o][new] = i + 1
@@ -259,7 +260,7 @@ def _trim_outline(vert: np.ndarray, bodies: np.ndarray, image: Image, fraction: 
     other = (ndi.grey_dilation(v, footprint=cross) != v) | (ndi.grey_erosion(np.where(f, v, 255), footprint=cross) != v)
     # (the walls of inner pockets - veins, canal - are not an outline)
     # (the crop reaches a voxel past the labels: only the field of view's end, no surface, meets its border)
-    outer = f & (~ndi.binary_erosion(_fill_holes(f), border_value=1) | other)
+    outer = f & (~ndi.binary_erosion(fill_holes(f), border_value=1) | other)
     del other
     hu = np.asarray(image.array[crop], np.float32)
     peak = ndi.maximum_filter(np.where(f & ~outer, hu, np.float32(-2000.0)), size=3)
@@ -340,7 +341,7 @@ def _refine_native(vert: np.ndarray, bodies: np.ndarray, image: Image, sp: float
         keep &= ~_lumen_side(fg & keep, blood[crop], hu)
     # Trabecular bone just under the cortex is darker than the outline threshold: where a kept
     # cortical ring encloses it in-plane, the labelled voxels inside stay (no pockets in a body).
-    keep |= fg & _fill_holes(keep, structure=_SLICE)
+    keep |= fg & fill_holes(keep, structure=_SLICE)
     new_v = np.where(keep, np.where(fg, v, grown_v), 0).astype(np.uint8)
     # Bodies: the same outline, but only where the whole-vertebra label agrees.
     new_b = np.where(keep & (np.where(b > 0, b, grown_b) == new_v), np.where(b > 0, b, grown_b), 0)

@@ -11,11 +11,12 @@ from scipy import ndimage as ndi
 from ... import levels as lv
 from ...errors import InputError
 from ...image import Image
+from ...masks import fill_holes
 from ...progress import Progress, report, scaled
 from ..base import LevelRecord, SegmentationResult, superior_axis
 from ..metal import reduce_metal_streaks
 from .common import (BONE_HU, ROI_ANTERIOR_MM, ROI_LATERAL_MM, ROI_POSTERIOR_MM, TRABECULAR_HU,
-                     TRABECULAR_MIN_DIRS, _SLICE, _Segment, _body_mask, _check_ct, _fill_holes, _flood, _working_grid,
+                     TRABECULAR_MIN_DIRS, _SLICE, _Segment, _body_mask, _check_ct, _flood, _working_grid,
                      _working_spacing)
 from .canal import _track_canal
 from .discs import _disc_planes
@@ -102,7 +103,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # Solid bone = filled cortical rings (low-density bodies) or trabecular-density voxels.
     raw = bone_c | (hu_s > TRABECULAR_HU)
     del bone_c
-    column = _fill_holes(raw, structure=_SLICE)
+    column = fill_holes(raw, structure=_SLICE)
     yy = np.arange(ny)[None, :, None]
     xx = np.arange(nx)[None, None, :]
     dy = (yy - canal["cy"][:, None, None]) * sp
@@ -179,7 +180,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     zs_, ys_, xs_ = ndi.find_objects(zone.astype(np.uint8))[0]
     crop = (zs_, slice(max(0, ys_.start - r), ys_.stop + r), slice(max(0, xs_.start - r), xs_.stop + r))
     closed = ndi.binary_closing(column[crop] & zone[crop], structure=disk)
-    column[crop] |= _fill_holes(closed, structure=_SLICE) & zone[crop] & ~vessel[crop]
+    column[crop] |= fill_holes(closed, structure=_SLICE) & zone[crop] & ~vessel[crop]
     del closed, zone, vessel
 
     # Keep the column: components that reach near the canal.

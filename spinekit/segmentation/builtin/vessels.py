@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from .common import (BONE_HU, ENCLOSURE_REACH_MM, ROI_ANTERIOR_MM, ROI_LATERAL_MM, TRABECULAR_HU, _SLICE, _enclosed,
-                     _fill_holes)
+from ...masks import fill_holes
+from .common import BONE_HU, ENCLOSURE_REACH_MM, ROI_ANTERIOR_MM, ROI_LATERAL_MM, TRABECULAR_HU, _SLICE, _enclosed
 
 
 VESSEL_HU = (160.0, 520.0)  # contrast-filled aorta (arterial phase up to ~350-450 HU)
@@ -207,7 +207,7 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
             # crossed it into an osteoporotic body (arterial T5 at 43 mg/cm3, 0.7x0.7x3 mm:
             # body 0.852 -> 0.920).
             ring = h_fc > BONE_HU
-            lower = zone_fc & (h_fc < lumen_min_hu) & ~(_fill_holes(ring, structure=_SLICE) & ~ring)
+            lower = zone_fc & (h_fc < lumen_min_hu) & ~(fill_holes(ring, structure=_SLICE) & ~ring)
             del ring
             for _ in range(max(1, int(round(VESSEL_RIM_MM / sp)))):
                 vessel_fc |= lower & (h_fc <= ndi.maximum_filter(np.where(vessel_fc, h_fc, -np.inf), footprint=_SLICE))
@@ -433,7 +433,7 @@ def _blood_pools(blood, hu_s, body, canal, front_mm, crop, enc_fc, sp):
     # the bodies (arterial T8-T12 phantom, T8 body 0.896 -> 0.859; arterial T8-L2, 0.924 ->
     # 0.906); the same fill in the vessel bands took the real 2 mm slab's T12 0.710 -> 0.668.
     h = hu_s[crop]
-    holes = _fill_holes(cand, structure=_SLICE) & ~cand
+    holes = fill_holes(cand, structure=_SLICE) & ~cand
     lab, n = ndi.label(holes, structure=_SLICE)
     if n:
         small = np.bincount(lab.ravel(), minlength=n + 1) * sp * sp <= POOL_HOLE_MM2
