@@ -1891,6 +1891,23 @@ def test_a_grade_3_biconcave_osteoporotic_body_is_not_split():
     assert min(whole.values()) >= 0.9 and min(body.values()) >= 0.9, (whole, body)
 
 
+
+def test_a_disc_on_a_density_floor_lies_at_its_endplate_band():
+    # Random portal-venous T6-T11 view at 2x2x2.5 mm (seed 577), T8 at 55 mg/cm3 between 248 and
+    # 249 mg/cm3 neighbours; no anchor in view: matched by overlap. The T8/T9 disc shows as a band
+    # between endplates on a density floor that falls on into T8's marrow; the floor's bottom,
+    # which stands in for the band when candidates are rated, was taken as the disc itself: 4 mm
+    # into T8 (T9 0.906 whole / 0.910 body, T8 0.884 / 0.895).
+    ph = _phantom(first_level="T6", last_level="T11", spacing_mm=(2.0, 2.0, 2.5), noise_hu=26.6, scoliosis_mm=0.8,
+                  scoliosis_span_mm=CTPhantomConfig().scoliosis_span_mm, lordosis_deg=21.4, kyphosis_deg=10.6,
+                  contrast_phase="portal-venous", effective_kev=78.2, seed=577, fractures={"T10": ("crush", 2)},
+                  densities_mg_cm3={"T6": 180, "T7": 248, "T8": 55, "T9": 249, "T10": 141, "T11": 182})
+    whole, body = _unanchored_dice(ph)
+    t8, t9 = lv.level_id("T8"), lv.level_id("T9")
+    # measured T9 0.941 / 0.958, T8 0.895 / 0.902 (its thick-slice endplate voxels: README "Honest limits")
+    assert whole[t9] >= 0.93 and body[t9] >= 0.94, (whole, body)
+    assert whole[t8] >= 0.89 and min(whole.values()) >= 0.89, (whole, body)
+
 def test_dark_marrow_round_a_basivertebral_vein_stays_in_the_body():
     # Random arterial T5-T12 view at 1.5x1.5x1 mm (seed 357), T9 at 45 mg/cm3 with a basivertebral
     # vein; no anchor in view (no rib-free vertebra below T12): matched by overlap. The vein's
@@ -2035,14 +2052,15 @@ def test_band_on_a_shallow_density_floor_is_still_a_candidate():
     # density floor whose next bin is a hair darker. Rated at the band's own bin it had no
     # deeper-free side and was no candidate: here the dip at bin 86 was taken instead; in a
     # random T6-T11 view at 3 mm no other candidate fitted and T6 and T7 merged (test below).
-    # The candidate is the floor's darkest bin beside the band, 81.
+    # The candidate is rated at the floor's darkest bin beside the band, 81, and the disc placed
+    # at the band, 80, between its endplates.
     prof = np.full(101, 50.0)
     prof[[20, 40, 60]] = 5.0
     prof[74:87] = [47, 44, 41, 38, 37.2, 37.1, 37.0, 36.9, 38, 40, 39, 36, 34]
     valley = np.full(prof.size, -np.inf)
     valley[80] = 143.0
     discs, _ = _find_discs(prof, 1.5, valley)
-    assert discs == [20, 40, 60, 81]
+    assert discs == [20, 40, 60, 80]
 
 
 def test_band_on_a_falling_density_floor_is_rated_at_its_bottom():
@@ -2053,7 +2071,8 @@ def test_band_on_a_falling_density_floor_is_rated_at_its_bottom():
     # a minimum; the T8/T9 disc, 20 bins above the last, shows as a strong band at 122 (274 HU)
     # on a floor that keeps falling for two bins (66.5, 66.3, 64.7). The band's darker
     # neighbour, 123, was not a minimum either, so no candidate was left; T8 and T9 merged (whole
-    # Dice 0.0 for T8, the view named T9-L2). The candidate is the floor's bottom, 124.
+    # Dice 0.0 for T8, the view named T9-L2). The candidate is rated at the floor's bottom, 124;
+    # the disc lies at the band, 122, between its endplates (3 mm below the floor's bottom).
     prof = np.array([
         6.7, 25.5, 36.7, 44.6, 54.9, 58, 62.7, 67.7, 74, 80.7, 86.3, 92.5, 100, 98.2, 96.5, 92.6, 85.7, 77, 69.5,
         66.4, 66.5, 55.2, 37.7, 21.6, 31.2, 50.4, 63.7, 76.4, 79.9, 84.4, 88.7, 91.4, 93.2, 94.3, 95.3, 95.8, 94.6,
@@ -2067,7 +2086,7 @@ def test_band_on_a_falling_density_floor_is_rated_at_its_bottom():
     valley[[22, 24, 45, 46, 64, 65, 66, 67, 68, 85, 86, 104, 105, 121, 122, 123, 138]] = [
         223, 248, 332, 147, 24, 156, 302, 29, 105, 299, 173, 298, 185, 67, 274, 179, 99]
     discs, _ = _find_discs(prof, 1.5, valley)
-    assert discs == [23, 45, 66, 85, 104, 124]
+    assert discs == [23, 45, 66, 85, 104, 122]
 
 
 def test_band_whose_floor_falls_to_the_profile_end_is_no_disc():
