@@ -10,6 +10,11 @@ IN_SLICE = np.zeros((3, 3, 3), bool)
 IN_SLICE[1] = ndimage.generate_binary_structure(2, 1)
 
 
+def in_plane(axis: int) -> np.ndarray:
+    """4-connectivity within each plane normal to array `axis` (IN_SLICE for axis 0)."""
+    return np.moveaxis(IN_SLICE, 0, axis)
+
+
 def largest_component(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
     """The largest connected object of a boolean mask (the mask itself when it is empty)."""
     labels, n = ndimage.label(mask, structure)

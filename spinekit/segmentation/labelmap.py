@@ -18,8 +18,8 @@ from scipy import ndimage
 
 from .. import levels as lv
 from ..errors import InputError
-from ..masks import fill_holes
 from ..image import Image
+from ..masks import fill_holes, in_plane
 from ..progress import Progress, report
 from .base import SegmentationResult, records_from_labels
 
@@ -320,13 +320,7 @@ def bodies_from_vertebrae(vertebrae: Image, image: Optional[Image] = None) -> np
         # Array axis closest to the spine axis: slice across it to find the enclosed canal.
         cols = np.abs(np.asarray(geom.direction).T @ s_axis)  # per ITK axis x, y, z
         slice_axis = 2 - int(np.argmax(cols))
-        holes = np.zeros_like(m)
-        for k in range(m.shape[slice_axis]):
-            idx = [slice(None)] * 3
-            idx[slice_axis] = k
-            plane = m[tuple(idx)]
-            if plane.any():
-                holes[tuple(idx)] = fill_holes(plane) & ~plane
+        holes = fill_holes(m, structure=in_plane(slice_axis)) & ~m
         vox = np.argwhere(m)
         pts = geom.index_to_physical(vox + offset)
         centre = pts.mean(axis=0)

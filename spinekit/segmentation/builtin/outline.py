@@ -11,7 +11,7 @@ from scipy.signal import fftconvolve
 
 from ... import levels as lv
 from ...image import Image
-from ...masks import fill_holes
+from ...masks import fill_holes, in_plane
 from ...progress import report
 from ..base import superior_axis
 from ..metal import METAL_MIN_HU
@@ -121,12 +121,12 @@ def _open_metal_slices(vert: np.ndarray, bodies: np.ndarray, sub: Image) -> None
             return
     axis = superior_axis(sub)[0]
     spacing_ax = sub.spacing_zyx_mm[axis]
-    in_plane = [s for a, s in enumerate(sub.spacing_zyx_mm) if a != axis]
-    r = [max(1, int(round(METAL_OPENING_MM / s))) for s in in_plane]
+    in_plane_mm = [s for a, s in enumerate(sub.spacing_zyx_mm) if a != axis]
+    r = [max(1, int(round(METAL_OPENING_MM / s))) for s in in_plane_mm]
     yy, xx = np.ogrid[-r[0]:r[0] + 1, -r[1]:r[1] + 1]
     disc = np.expand_dims((yy / r[0]) ** 2 + (xx / r[1]) ** 2 <= 1.0, axis)
     in_plane8 = np.moveaxis(_SLICE8, 0, axis)
-    in_plane4 = np.moveaxis(_SLICE, 0, axis)
+    in_plane4 = in_plane(axis)
     has_metal = np.moveaxis(metal, axis, 0).reshape(metal.shape[axis], -1).any(axis=1)
     clean = np.flatnonzero(~has_metal)
 
@@ -158,7 +158,7 @@ def _open_metal_slices(vert: np.ndarray, bodies: np.ndarray, sub: Image) -> None
             fill &= fill_holes(rest, structure=in_plane4)
             fl, fn = ndi.label(fill, structure=in_plane4)
             if fn:
-                area_mm2 = np.bincount(fl.ravel())[1:] * float(np.prod(in_plane))
+                area_mm2 = np.bincount(fl.ravel())[1:] * float(np.prod(in_plane_mm))
                 kept &= ~np.isin(fl, 1 + np.flatnonzero(area_mm2 >= CANAL_FILL_MIN_MM2))
         kept |= metal[idx]
         v[~kept] = 0
@@ -232,11 +232,7 @@ def _fill_body_holes(vert: np.ndarray, bodies: np.ndarray, axes=(0, 1, 2)) -> No
         m = bodies[o] == i + 1
         filled = m.copy()
         for axis in axes:
-            st = np.zeros((3, 3, 3), bool)
-            idx = [slice(None)] * 3
-            idx[axis] = 1
-            st[tuple(idx)] = ndi.generate_binary_structure(2, 1)
-            filled |= fill_holes(filled, structure=st)
+            filled |= fill_holes(filled, structure=in_plane(axis))
         v = vert[o]
         new = filled & ~m & (bodies[o] == 0) & ((v == 0) | (v == i + 1))   # (not a neighbour's bone)
         bodies[o][new] = i + 1
