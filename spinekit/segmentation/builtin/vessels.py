@@ -27,6 +27,7 @@ TUBE_AXIS_ON_VOX = 2.0    # ... the in-plane pieces of lumen within this many vo
 TUBE_AXIS_MARGIN_VOX = 2.0  # ... and pieces of the lumen's HU within its radius and this far of it
 TUBE_AXIS_SUPPORT = 0.5   # a second vessel in the tube: pieces on its axis in this share of the slices
 TUBE_CARRY_SHARE = 0.7    # a tube is carried on past its end while this share of its disc is lumen
+TUBE_HOLD_MM = 30.0       # a tube's axis is held past its clean slices this far at most (about a vertebra)
 TUBE_MAX_AXES = 3         # vessels looked for in one tube (the aorta and the IVC where they touch, and one more)
 VESSEL_LUMEN_MARGIN_HU = 20.0  # a lumen voxel is at most this much brighter than the tube's 99th centile
 VESSEL_MAX_IQR_HU = 60.0  # a contrast lumen is homogeneous (interquartile range ~10-30 HU with noise)
@@ -166,6 +167,15 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
                 # vessels' cross-sections carried over from the clean slices around (a disc of
                 # each one's radius on its axis), so the body's own bone stays.
                 bad = np.nonzero(~good & (per_slice > 0))[0]
+                # (Beyond the clean slices the axis is the nearest one's, held still while the
+                # vessel moves on: only up to TUBE_HOLD_MM. Random arterial T8-T12 at 0.7x0.7x2.5
+                # mm: in the widest band the aorta's tube was clean only from 45 mm above T12, and
+                # the disc held there lay on T12's blurred lateral wall: 1,199 of the body's voxels
+                # taken as blood, T12 body 0.866 -> 0.946. At 15 mm the lumbar views' discs carried
+                # to L5 went too: L5 -0.006 to -0.034.)
+                if good.any():
+                    clean = np.nonzero(good)[0]
+                    bad = bad[np.maximum(clean[0] - bad, bad - clean[-1]) * sp <= TUBE_HOLD_MM]
                 if good.sum() >= 2 and bad.size:
                     yy_o = np.arange(o[1].stop - o[1].start)[:, None]
                     xx_o = np.arange(o[2].stop - o[2].start)[None, :]
