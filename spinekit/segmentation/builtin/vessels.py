@@ -173,9 +173,8 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
                 # the disc held there lay on T12's blurred lateral wall: 1,199 of the body's voxels
                 # taken as blood, T12 body 0.866 -> 0.946. At 15 mm the lumbar views' discs carried
                 # to L5 went too: L5 -0.006 to -0.034.)
-                if good.any():
-                    clean = np.nonzero(good)[0]
-                    bad = bad[np.maximum(clean[0] - bad, bad - clean[-1]) * sp <= TUBE_HOLD_MM]
+                clean = np.nonzero(good)[0]
+                bad = bad[np.maximum(clean[0] - bad, bad - clean[-1]) * sp <= TUBE_HOLD_MM]
                 if good.sum() >= 2 and bad.size:
                     yy_o = np.arange(o[1].stop - o[1].start)[:, None]
                     xx_o = np.arange(o[2].stop - o[2].start)[None, :]
