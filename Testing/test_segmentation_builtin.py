@@ -622,7 +622,6 @@ def test_an_arterial_aorta_bending_away_where_its_tube_merged_with_a_body_is_no_
     assert int((res.vertebrae.array[aorta] > 0).sum()) < 600   # measured 301 (2,415)
 
 
-
 def test_a_tube_s_axis_is_not_carried_past_its_clean_slices_onto_a_body():
     # Random arterial T8-T12 at 0.7x0.7x2.5 mm (seed 20270192), T12 at 96 mg/cm3, no anchor in view:
     # matched by overlap. In the widest HU band the aorta was a clean tube (apart from the bodies)
@@ -639,6 +638,7 @@ def test_a_tube_s_axis_is_not_carried_past_its_clean_slices_onto_a_body():
     # measured T12 0.955 / 0.946; all levels 0.920-0.955 whole, 0.911-0.946 bodies
     assert whole[t12] >= 0.94 and body[t12] >= 0.93, (whole, body)
     assert min(whole.values()) >= 0.91 and min(body.values()) >= 0.9, (whole, body)
+
 
 @pytest.fixture(scope="module")
 def portal_venous_t7_l1():
@@ -1909,7 +1909,6 @@ def test_a_grade_3_biconcave_osteoporotic_body_is_not_split():
     assert min(whole.values()) >= 0.9 and min(body.values()) >= 0.9, (whole, body)
 
 
-
 def test_a_disc_on_a_density_floor_lies_at_its_endplate_band():
     # Random portal-venous T6-T11 view at 2x2x2.5 mm (seed 577), T8 at 55 mg/cm3 between 248 and
     # 249 mg/cm3 neighbours; no anchor in view: matched by overlap. The T8/T9 disc shows as a band
@@ -1925,6 +1924,7 @@ def test_a_disc_on_a_density_floor_lies_at_its_endplate_band():
     # measured T9 0.941 / 0.958, T8 0.895 / 0.902 (its thick-slice endplate voxels: README "Honest limits")
     assert whole[t9] >= 0.93 and body[t9] >= 0.94, (whole, body)
     assert whole[t8] >= 0.89 and min(whole.values()) >= 0.89, (whole, body)
+
 
 def test_dark_marrow_round_a_basivertebral_vein_stays_in_the_body():
     # Random arterial T5-T12 view at 1.5x1.5x1 mm (seed 357), T9 at 45 mg/cm3 with a basivertebral
@@ -2112,7 +2112,6 @@ def test_band_on_a_falling_density_floor_is_rated_at_its_bottom():
     assert discs == [23, 45, 66, 85, 104, 122]
 
 
-
 def test_a_band_a_few_percent_below_its_flanks_is_not_in_a_dip():
     from spinekit.segmentation.builtin.discs import _find_discs
 
@@ -2142,6 +2141,7 @@ def test_the_view_whose_top_body_held_a_band_in_a_shallow_dip():
     whole, body = _unanchored_dice(ph)
     # measured 0.919-0.935 whole, 0.906-0.936 bodies (T4 / T5 0.68 / 0.77 whole before)
     assert len(whole) == 4 and min(whole.values()) >= 0.9 and min(body.values()) >= 0.9, (whole, body)
+
 
 def test_band_whose_floor_falls_to_the_profile_end_is_no_disc():
     from spinekit.segmentation.builtin.discs import _find_discs
