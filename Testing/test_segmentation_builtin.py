@@ -197,6 +197,42 @@ def test_sacrum_and_last_rib_that_agree_name_with_confidence():
     assert not any(sg.flags for sg in segs)
 
 
+def test_rib_stubs_under_rib_free_vertebrae_are_not_ribs():
+    # Ribs run from T1 to T12 without a gap: a "stub" under two rib-free vertebrae is pelvis
+    # (a sacral ala or iliac wing cut by the view's caudal end); under one (a thin rib missed
+    # at 3 mm), or under rib-bearing ones, it stays.
+    from spinekit.segmentation.builtin.common import _Segment
+    from spinekit.segmentation.builtin.ribs import _drop_contradicted_stubs
+
+    def segs(*kinds):   # caudal -> cranial: "s" stub, "r" ribs, "-" rib-free
+        return [_Segment(float(i), float(i + 1), label=i + 1, ribs=2 * (k == "r"), rib_stubs=int(k == "s"))
+                for i, k in enumerate(kinds)]
+
+    for kinds, kept in [("s--r", False), ("s----", False), ("ss--", False), ("s-r", True), ("srr", True),
+                        ("s-", True), ("s", True)]:
+        sg = segs(*kinds)
+        _drop_contradicted_stubs(sg)
+        assert bool(sg[0].rib_stubs) == kept, kinds
+        assert [x.ribs for x in sg] == [2 * (k == "r") for k in kinds]
+
+
+def test_bone_rising_laterally_is_an_iliac_wing_not_a_rib():
+    # Outside the column box (50 mm from the canal), a rib descends from its head and an iliac
+    # wing rises from the sacroiliac joint to its crest.
+    from spinekit.segmentation.builtin.ribs import _rises_laterally
+
+    sp = 2.0
+    adx = np.broadcast_to(np.arange(50.0, 130.0, sp)[None, None, :], (40, 10, 40))
+    z = np.arange(40)[:, None, None]
+    root_z = 20
+    for slope, rises in [(-0.3, False), (0.3, True), (-0.05, False)]:
+        centre = root_z + slope * (adx - 50.0) / sp
+        piece = np.broadcast_to(np.abs(z - centre) <= 2, adx.shape)
+        assert _rises_laterally(piece, adx, root_z, sp) == rises, slope
+    # A piece that ends before it is judged (a rib head's stub) is kept.
+    assert not _rises_laterally(np.broadcast_to(adx < 60.0, adx.shape) & (z == 30), adx, root_z, sp)
+
+
 def test_pieces_below_the_sacrum_are_sacrum():
     # A sacrum split at a rudimentary sacral disc: the anchor is its highest piece (_find_sacrum),
     # and the pieces below it, unnamed before, are the rest of the sacrum, not dropped.
@@ -1613,6 +1649,33 @@ def test_real_ct_bodies_are_whole_for_morphometry(abdomen):
             assert ha is not None and hb is not None, (name, pos)
             assert abs(ha - hb) <= 6.0, f"{name} {pos} height {ha:.1f} mm vs {hb:.1f} mm"
         assert a.genant_grade == b.genant_grade, (name, a.genant_grade, b.genant_grade)
+
+
+def _slices(ct: Image, z0: int, z1: int) -> Image:
+    """Slices z0..z1-1 of a CT as a scan of their own (same geometry, shorter field of view)."""
+    origin = ct.index_to_physical(np.array([[z0, 0, 0]]))[0]
+    return Image(ct.array[z0:z1].copy(), ct.spacing_mm, tuple(origin), ct.direction, dict(ct.metadata))
+
+
+# Shorter scans of the same real CT (slice 0 is caudal; TotalSegmentator: S1 39-51, L5 42-58,
+# T12 97-111): a lumbar spine scan with the sacrum but no rib (its lowest sacral segments cut
+# off, so the cut alae lie at the view's caudal end), and a scan cut through the L5/S1 disc,
+# whose iliac wings are the only bone beside L5. Before the sacrum test compared amounts of
+# ala bone and the pelvis was told from ribs, the first two were flagged with every name one
+# level off (the sacrum was called L5) and the third guessed T7-T12 with its twelfth rib in view.
+@pytest.mark.parametrize("z0, z1, anchor", [(0, 96, "sacrum"), (30, 80, "sacrum"), (40, 112, "T12")])
+def test_real_ct_shorter_scans_are_named_from_the_anchor_in_view(abdomen, z0, z1, anchor):
+    ct, ref, _, _ = abdomen
+    res = segment_builtin(_slices(ct, z0, z1))
+    assert not res.labels_uncertain, res.warnings
+    names = res.present_levels()
+    assert ("sacrum" in names) == (anchor == "sacrum") and ("T12" in names) == (anchor == "T12"), names
+    ours, theirs = res.vertebrae.array, ref[z0:z1]
+    for name in names:
+        vid = lv.level_id(name)
+        ids, counts = np.unique(theirs[ours == vid], return_counts=True)
+        counts[ids == 0] = 0
+        assert ids[int(np.argmax(counts))] == vid, (name, lv.level_name(int(ids[int(np.argmax(counts))])))
 
 
 def test_short_dicom_slab_split_into_t12_t11_and_flagged():

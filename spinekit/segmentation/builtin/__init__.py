@@ -27,12 +27,15 @@ Pipeline (all on an internal axis-aligned LPS grid of 1.5-2 mm, labels mapped ba
    carved out of the column (thin thoracic discs are filled in as bone otherwise);
 6. bodies split by the disc planes; posterior elements joined to their body by a marker
    watershed over the inverted distance map (pedicles are thick, facet contacts thin);
-7. names from anchors: sacrum (solid alae lateral to the lowest segment) -> L5, lowest
+7. names from anchors: sacrum (solid alae lateral to the lowest segment, at least twice the
+   vertebra above's) -> L5, lowest
    rib-bearing vertebra with a rib-free one below -> T12 (only where the scan reaches 30 mm
    below that one's rib heads: ribs descend out of a view that ends sooner; a rib belongs to
-   the vertebra between whose disc planes, tilted with the bodies, its medial end lies); both -> lumbar from the sacrum,
+   the vertebra between whose disc planes, tilted with the bodies, its medial end lies; the
+   sacrum and L5 bear none, and bone that rises laterally is an iliac wing); both -> lumbar from the sacrum,
    thoracic from the ribs, conflicts flagged uncertain; no anchor -> a guess marked uncertain (ribs cut
-   short by the scan's caudal end count for the guess, never as an anchor);
+   short by the scan's caudal end count for the guess, never as an anchor, and not under two
+   rib-free vertebrae: that is a sacral ala or iliac wing cut by the view);
 8. rib heads/necks are given back to the ribs (followed medially from the ribs outside the box;
    what is left sticks out of the body's rounded outline; the width cut reaches further out
    for the narrower upper thoracic bodies, whose transverse processes are longer), and on

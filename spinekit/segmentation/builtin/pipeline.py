@@ -22,7 +22,7 @@ from .canal import _track_canal
 from .discs import _disc_planes
 from .vessels import VESSEL_HU, _blood_pools, _find_vessels, _front_crop, _pool_wedges
 from .outline import _fill_body_holes, _native_labels
-from .ribs import _body_frames, _find_rib_stubs, _find_ribs, _give_rib_heads_back
+from .ribs import _body_frames, _drop_contradicted_stubs, _find_rib_stubs, _find_ribs, _give_rib_heads_back
 from .naming import _find_sacrum, _name_levels
 
 
@@ -320,9 +320,15 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
 
     # --- anchors -----------------------------------------------------------------------------
     report(progress, 0.8, "builtin: naming levels")
+    # The sacrum first: neither it nor L5 bears ribs, and bone the rib search finds beside them
+    # is pelvis (real 3 mm CT cut through the sacrum: a sacral ala cut by the view came out as a
+    # rib stub, the sacrum was taken for a thoracic vertebra and its alae cut off as rib heads).
+    sacrum_seg = _find_sacrum(segs, vert, dx, anterior)
+    ribless = frozenset() if sacrum_seg is None else frozenset(sg.label for sg in segs[:sacrum_seg + 2])
     frames = _body_frames(segs, bodies, planes)   # (one pass over the bodies for both rib counts)
-    ribs = _find_ribs(segs, vert, frames, bone, box, dx, sp)
-    _find_rib_stubs(segs, vert, frames, dx, dy, sp)
+    ribs = _find_ribs(segs, vert, frames, bone, box, dx, sp, ribless)
+    _find_rib_stubs(segs, vert, frames, dx, dy, sp, ribless)
+    _drop_contradicted_stubs(segs)
     # Thoracic laminae and spinous processes slope caudally and overlap the vertebra below like
     # roof shingles: above a rib-bearing vertebra (both thoracic; the upper one's ribs may be out
     # of view) the arch split is flooded again with the arch plane sloping down behind the canal.
@@ -341,7 +347,6 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     del elev
     rib_bone = _give_rib_heads_back(segs, vert, bodies, ribs, box, dx, dy, frames, sp)
     del dy, ribs
-    sacrum_seg = _find_sacrum(segs, vert, dx, anterior)
     # (how far above the scan's caudal end each body's top, where rib heads articulate, lies)
     body_top_mm = {i + 1: (o[0].stop - 1) * sp for i, o in enumerate(ndi.find_objects(bodies)) if o is not None}
     names, confidence, uncertain, t12 = _name_levels(segs, sacrum_seg, body_top_mm, warnings)

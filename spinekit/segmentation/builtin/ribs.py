@@ -32,6 +32,8 @@ RIB_TILT_REACH_MM = 30.0  # a rib leans with its vertebra only out to its costot
 #                          process tip, 25-35 mm lateral): a root on the box wall, 50-60 mm out, is judged as if
 #                          this far from the column's axis (scoliotic T12-L4, 20 deg lean: the 12th ribs' roots
 #                          went to T12 and L1 and the view was named one level high)
+RIB_RISE_REACH_MM = 20.0  # a piece is judged rising or descending this far lateral of the box wall
+STUB_CONTRADICTED_BY = 2  # rib-free vertebrae directly above that make a rib stub pelvis (_drop_contradicted_stubs)
 RIB_PAIR_LEVELS = 0.75   # a left and a right rib root this close along the column (vertebra units) are a pair
 
 
@@ -313,13 +315,15 @@ def _paired_roots(roots, sides, frames, sp):
     return out
 
 
-def _find_ribs(segs, vert, frames, bone, box, dx, sp):
+def _find_ribs(segs, vert, frames, bone, box, dx, sp, ribless=frozenset()):
     """Count ribs per vertebra: elongated bone pieces outside the column box whose medial end
     meets the box's lateral wall next to the column (or a short piece there with such a piece
-    that reaches no wall within RIB_LINK_MM: a rib broken at its neck). A rib is given to the vertebra whose room
+    that reaches no wall within RIB_LINK_MM: a rib broken at its neck), and that do not rise
+    laterally (_rises_laterally). A rib is given to the vertebra whose room
     between its disc planes holds that medial end, or its pair's middle (_paired_roots,
     _rib_level; ribs slope down, so labels of the bone they touch are less reliable than the
-    body level)."""
+    body level); none to the working labels in `ribless` (the sacrum and L5, once the sacrum
+    is found: the bone beside them is pelvis)."""
     outside = bone & ~box
     ribs = np.zeros(vert.shape, bool)
     lab, n = ndi.label(outside)
@@ -346,6 +350,9 @@ def _find_ribs(segs, vert, frames, bone, box, dx, sp):
                 orphans.add(i)
             continue
         root = np.array([c.mean() + sl.start for c, sl in zip(np.nonzero(touch), o)])
+        if shaft and _rises_laterally(lab[o] == i + 1, np.broadcast_to(np.abs(dx), vert.shape)[o],
+                                      root[0] - o[0].start, sp):
+            continue
         side = np.sign(np.broadcast_to(dx, vert.shape)[tuple(np.round(root).astype(int))])
         (found if shaft else stubs).append(([i], root, side))
     # A rib whose neck thins below the bone threshold breaks into a short piece at the box wall
@@ -362,7 +369,7 @@ def _find_ribs(segs, vert, frames, bone, box, dx, sp):
     judged = _paired_roots([r for _, r, _ in found], [sd for _, _, sd in found], frames, sp)
     for (idx, _, _), point in zip(found, judged):
         sg = _rib_level(segs, frames, point, sp)
-        if sg is None:
+        if sg is None or sg.label in ribless:
             continue
         sg.ribs += 1
         sg.broken_ribs += len(idx) > 1
@@ -370,6 +377,32 @@ def _find_ribs(segs, vert, frames, bone, box, dx, sp):
             o = objs[i]
             ribs[o] |= lab[o] == i + 1
     return ribs
+
+
+def _drop_contradicted_stubs(segs) -> None:
+    """Rib stubs are weak evidence (a rib cut by the view's caudal end). Ribs run from T1 to T12
+    without a gap, so a vertebra with stubs under STUB_CONTRADICTED_BY rib-free vertebrae is not
+    thoracic: its "stub" is pelvis (a sacral ala or iliac wing cut by the view; real 3 mm CT cut
+    at the L5/S1 disc: L5 took two, the view was guessed as T7-T12). Cleared in place. (One
+    rib-free vertebra above is allowed: a thin mid-thoracic rib can be missed at 3 mm.)"""
+    for i in reversed(range(len(segs))):   # (cranial first: a stub cleared counts as rib-free below it)
+        sg = segs[i]
+        above = segs[i + 1:i + 1 + STUB_CONTRADICTED_BY]
+        if sg.rib_stubs and len(above) == STUB_CONTRADICTED_BY and not any(a.rib_bearing for a in above):
+            sg.rib_stubs = 0
+
+
+def _rises_laterally(piece, adx, root_z, sp) -> bool:
+    """Whether a bone piece outside the column box lies higher RIB_RISE_REACH_MM and more lateral
+    of its root (z index root_z in the piece's box) than at the root: an iliac wing, which flares
+    up from the sacroiliac joint to its crest beside L4/L5, not a rib, which descends from its
+    head. (Real 3 mm CT cut 0-15 mm below the L5/S1 disc: both iliac wings, 36-38 cm3 in view,
+    were the only bone beside L5 and came out as its ribs; they rise 6-8 mm there, the 12th
+    rib descends 18 mm and the phantoms' ribs 6-10 mm.)"""
+    far = piece & (adx >= ROI_LATERAL_MM + RIB_RISE_REACH_MM)
+    if not far.any():
+        return False
+    return float(np.nonzero(far)[0].mean()) > root_z
 
 
 def _linked_shaft(lab, objs, i, orphans, sp):
@@ -386,14 +419,15 @@ def _linked_shaft(lab, objs, i, orphans, sp):
     return int(local[near][np.argmin(dist[near])]) - 1
 
 
-def _find_rib_stubs(segs, vert, frames, dx, dy, sp):
+def _find_rib_stubs(segs, vert, frames, dx, dy, sp, ribless=frozenset()):
     """Count ribs cut short by the caudal end of the scan (a thin slab at the thoracolumbar
     junction): a rib descends laterally from its head beside the pedicle, so in view it is a bar
     of the vertebra's bone that leaves the scan's caudal end well lateral of the arch, as a
     separate cross-section there, and rises medially towards its head. The outside-the-box
     test of _find_ribs cannot see it (the piece in view stays inside the column box). Lumbar
     transverse processes run level and join their arch in the same slice; articular processes
-    stay medial. Counted in segs[].rib_stubs, for the vertebra _rib_level gives the head to."""
+    stay medial. Counted in segs[].rib_stubs, for the vertebra _rib_level gives the head to
+    (none for the labels in `ribless`: the sacrum's alae, cut by the view, look like such a bar)."""
     ke = max(1, int(round(4.0 / sp)))           # the end slab: the last few mm of the scan
     # Only the caudal part of the scan can hold such a rib with its head (about one vertebra).
     zc = min(vert.shape[0], ke + int(round(60.0 / sp)))
@@ -432,5 +466,5 @@ def _find_rib_stubs(segs, vert, frames, dx, dy, sp):
             continue
         root = np.array([c[medial].mean() + sl.start for c, sl in zip(np.nonzero(m), o)])
         sg = _rib_level(segs, frames, root, sp)
-        if sg is not None:
+        if sg is not None and sg.label not in ribless:
             sg.rib_stubs += 1
