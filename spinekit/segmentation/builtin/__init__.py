@@ -14,14 +14,16 @@ Pipeline (all on an internal axis-aligned LPS grid of 1.5-2 mm, labels mapped ba
    over 40 mm of slices, extrapolated along the sacral curve;
 4. column = solid bone in a box around the canal, minus the canal; contrast blood pools too
    thick for any vertebral body (heart chambers) are removed; a long, homogeneous,
-   off-midline tube in front of the bodies (contrast aorta; also searched in narrower HU bands,
+   off-midline tube in front of the bodies and not inside their cortical rings (contrast aorta;
+   also searched in narrower HU bands,
    where at coarse spacing its lumen stands apart from blurred marrow) is removed with its rim,
    and so are pieces of its lumen HU hanging on the column by thin contacts (its branches);
    body = the column part anterior to the canal's anterior wall;
 5. discs = deep minima of the density-weighted body profile along the body centreline, over
    slabs tilted -30..30 degrees (the L5/S1 disc), each measured within its own vertebra (an
    osteoporotic body's mid-body dip is not a disc), gaps filled where the disc spacing expects
-   one (a dark band between two endplates before a mid-body dip);
+   one (a dark band between two endplates before a mid-body dip; between the last disc and
+   the view's end, a disc spacing and a body piece hold one);
    where no disc is sure (a short slab), thin dark bands between two bright endplates in a
    low-percentile HU profile (a thin disc as bright as marrow); every disc's dark band is
    carved out of the column (thin thoracic discs are filled in as bone otherwise);

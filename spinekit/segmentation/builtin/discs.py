@@ -295,7 +295,12 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
         ends = [0] + chosen + [nb - 1]
         for a, b in zip(ends[:-1], ends[1:]):
             pitch, tolerance = pitch_near(a, b)
-            if (b - a) < 1.5 * pitch:
+            # Between two discs a missed one leaves 1.5 pitches or more. Between a disc and the
+            # view's end a pitch and a body piece hold one: the vertebra beyond it cut by the view
+            # (real 3 mm CT ending 15 mm above the T12/L1 disc, 1.4 pitches past the L1/L2 disc:
+            # the disc was missed and T12's piece merged with L1).
+            one_end = (a in chosen) != (b in chosen)
+            if (b - a) < (pitch + MIN_VERTEBRA_MM / bw if one_end else 1.5 * pitch):
                 continue
             # Expected disc one pitch away from a sure disc (or the profile end).
             targets = ([a + pitch] if a in chosen else []) + ([b - pitch] if b in chosen else [])
