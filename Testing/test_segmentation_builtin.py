@@ -1578,7 +1578,7 @@ def test_mr_is_refused(lumbar_with_sacrum):
     mr = ph.image.with_array(ph.image.array, Modality="MR")
     with pytest.raises(InputError, match="MR"):
         segment_builtin(mr)
-    # No metadata, but intensities like an MR (no air below -500 HU).
+    # No metadata, but intensities like an MR (no air or fat below -50 HU).
     arr = np.clip(ph.image.array.astype(np.int32) + 1024, 0, 4000).astype(np.int16)
     untagged = Image(arr, ph.image.spacing_mm, ph.image.origin_mm, ph.image.direction)
     with pytest.raises(InputError, match="Hounsfield"):
@@ -1679,6 +1679,24 @@ def test_real_ct_shorter_scans_are_named_from_the_anchor_in_view(abdomen, z0, z1
         ids, counts = np.unique(theirs[ours == vid], return_counts=True)
         counts[ids == 0] = 0
         assert ids[int(np.argmax(counts))] == vid, (name, lv.level_name(int(ids[int(np.argmax(counts))])))
+
+
+def test_real_ct_cropped_inside_the_body_is_still_ct(abdomen):
+    # A spine reconstruction cropped inside the body: no air in view (its bowel gas set to fat
+    # here), only fat and soft tissue. It was refused as "not Hounsfield units".
+    ct, ref, _, res = abdomen
+    y0, y1, x0, x1 = 14, 60, 33, 83
+    arr = ct.array[:, y0:y1, x0:x1].copy()
+    arr[arr < -500] = -100
+    origin = ct.index_to_physical(np.array([[0, y0, x0]]))[0]
+    crop = segment_builtin(Image(arr, ct.spacing_mm, tuple(origin), ct.direction, dict(ct.metadata)))
+    assert crop.present_levels() == res.present_levels() and not crop.labels_uncertain
+    # (measured 0.884-0.934; T12 0.884 against 0.902 uncropped, with or without the air: its ribs
+    # leave the crop)
+    for name in ("T12", "L1", "L2", "L3", "L4", "L5"):
+        vid = lv.level_id(name)
+        d = dice(crop.vertebrae.array == vid, ref[:, y0:y1, x0:x1] == vid)
+        assert d >= REAL_TARGET_DICE, f"{name} whole Dice {d:.3f}"
 
 
 @pytest.mark.parametrize("n_slices", [111, 109])

@@ -21,6 +21,7 @@ BONE_HU = 180.0          # cortical shell / dense trabecular bone after light sm
 TRABECULAR_HU = 115.0    # normal trabecular bone; discs (~85 HU) and muscle stay below
 TRABECULAR_MIN_DIRS = 5  # ... and it lies inside a cortical ring: bone in most in-plane directions
 ENCLOSURE_REACH_MM = 25.0  # ... met within this reach (_enclosed)
+HU_FAT_BELOW = -50.0     # a CT in HU holds voxels below this (fat, air); MR and non-HU data do not
 ROI_ANTERIOR_MM = 70.0   # column box around the canal centre
 ROI_POSTERIOR_MM = 55.0
 ROI_LATERAL_MM = 50.0
@@ -62,11 +63,13 @@ def _check_ct(image: Image) -> None:
     arr = image.array
     step = max(1, int(round((arr.size / 2e6) ** (1 / 3))))
     sample = np.asarray(arr[::step, ::step, ::step], dtype=np.float32)
-    low = float(np.mean(sample < -500))
-    # A CT in HU holds air (about -1000) around or inside the patient; MR and non-HU data do not.
-    if low < 1e-4 or float(sample.min()) < -3100 or float(sample.max()) < 0:
-        raise InputError("the image intensities are not CT Hounsfield units (no air below -500 HU); "
-                         "the builtin backend segments CT images only.")
+    # A CT in HU holds air (about -1000) or fat (about -100) around and inside the patient; MR
+    # and non-HU data hold neither. (Fat too: a spine reconstruction cropped inside the body may
+    # hold no air at all, and the real 3 mm CT cropped so segments as it does whole.)
+    low = float(np.mean(sample < HU_FAT_BELOW))
+    if low < 1e-3 or float(sample.min()) < -3100 or float(sample.max()) < 0:
+        raise InputError(f"the image intensities are not CT Hounsfield units (no air or fat below "
+                         f"{HU_FAT_BELOW:g} HU); the builtin backend segments CT images only.")
 
 
 def _corners(lo, hi) -> np.ndarray:
