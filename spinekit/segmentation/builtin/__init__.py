@@ -11,7 +11,8 @@ Pipeline (all on an internal axis-aligned LPS grid of 1.5-2 mm, labels mapped ba
 3. spinal canal = soft tissue (CSF-like HU) enclosed by bone in the 8 (or 7) in-plane
    directions, near the midline; the best chain of such pockets through the slices (a dynamic
    programme: off-canal pockets and gaps neither end nor bend it), its centre median-smoothed
-   over 40 mm of slices, extrapolated along the sacral curve;
+   over 40 mm of slices, extrapolated along the sacral curve (and cranially to the view's top
+   where the chain ends more than 40 mm below it);
 4. column = solid bone in a box around the canal, minus the canal; contrast blood pools too
    thick for any vertebral body (heart chambers) are removed; a long, homogeneous,
    off-midline tube in front of the bodies and not inside their cortical rings (contrast aorta;

@@ -15,6 +15,7 @@ CANAL_CORE_MEAN_HU = 35.0  # ... or of its core, up to CANAL_CORE_STEPS voxels i
 CANAL_CORE_STEPS = 2       #     canals: their rim takes up the blur of the bone around them)
 CANAL_AREA_MM2 = (25.0, 700.0)  # cross-section of a canal candidate
 CANAL_GAP_MM = 40.0      # the canal track bridges slices without an enclosed pocket up to this far
+CANAL_LOST_TOP_MM = 40.0  # a track ending further below the view's top is continued up to it
 MIDLINE_BAND_MM = 45.0   # canal centre within this distance of the torso centre (scoliosis)
 
 
@@ -120,7 +121,11 @@ def _track_canal(hu, bone, body, sp):
     # track along its end direction rather than straight down / up.
     z0, z1 = int(z_sel.min()), int(z_sel.max())
     n_fit = max(3, int(round(20.0 / sp)))
-    for lo_end in (True,):   # caudally the thin sacral canal is lost; cranially the FOV ends
+    # Caudally the thin sacral canal is lost. Cranially the view usually ends within a vertebra of
+    # the last pocket; where it ends further above (the canal lost in the top vertebrae), the
+    # track runs on along its end direction too, and the column box with it (CANAL_LOST_TOP_MM).
+    lost_top = (nz - 1 - z1) * sp > CANAL_LOST_TOP_MM
+    for lo_end in (True, False) if lost_top else (True,):
         zz = np.arange(z0, min(z1, z0 + n_fit) + 1) if lo_end else np.arange(max(z0, z1 - n_fit), z1 + 1)
         if zz.size < 3:
             continue
@@ -129,7 +134,7 @@ def _track_canal(hu, bone, body, sp):
         for arr in (cy, cx, front):
             slope = float(np.clip(np.polyfit(zz, arr[zz], 1)[0], -1.0, 1.0))
             arr[out] = arr[ref_z] + slope * (out - ref_z)
-    return dict(cy=cy, cx=cx, rad=rad, front=front, z_lo=z0, z_hi=z1, enc=enc)
+    return dict(cy=cy, cx=cx, rad=rad, front=front, z_lo=z0, z_hi=z1, enc=enc, lost_top=lost_top)
 
 
 def _core_mean_hu(pocket: np.ndarray, hu: np.ndarray, steps: int) -> float:
