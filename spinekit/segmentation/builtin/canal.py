@@ -122,8 +122,9 @@ def _track_canal(hu, bone, body, sp):
     z0, z1 = int(z_sel.min()), int(z_sel.max())
     n_fit = max(3, int(round(20.0 / sp)))
     # Caudally the thin sacral canal is lost. Cranially the view usually ends within a vertebra of
-    # the last pocket; where it ends further above (the canal lost in the top vertebrae), the
-    # track runs on along its end direction too, and the column box with it (CANAL_LOST_TOP_MM).
+    # the last pocket, and the track is held there; where it ends further above (the canal lost in
+    # the top vertebrae), the track runs on along its end direction too. The column box reaches
+    # the view's top either way.
     lost_top = (nz - 1 - z1) * sp > CANAL_LOST_TOP_MM
     for lo_end in (True, False) if lost_top else (True,):
         zz = np.arange(z0, min(z1, z0 + n_fit) + 1) if lo_end else np.arange(max(z0, z1 - n_fit), z1 + 1)
@@ -134,7 +135,7 @@ def _track_canal(hu, bone, body, sp):
         for arr in (cy, cx, front):
             slope = float(np.clip(np.polyfit(zz, arr[zz], 1)[0], -1.0, 1.0))
             arr[out] = arr[ref_z] + slope * (out - ref_z)
-    return dict(cy=cy, cx=cx, rad=rad, front=front, z_lo=z0, z_hi=z1, enc=enc, lost_top=lost_top)
+    return dict(cy=cy, cx=cx, rad=rad, front=front, z_lo=z0, z_hi=z1, enc=enc)
 
 
 def _core_mean_hu(pocket: np.ndarray, hu: np.ndarray, steps: int) -> float:

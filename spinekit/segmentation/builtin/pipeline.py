@@ -18,7 +18,7 @@ from ..metal import reduce_metal_streaks
 from .common import (BONE_HU, ROI_ANTERIOR_MM, ROI_LATERAL_MM, ROI_POSTERIOR_MM, TRABECULAR_HU,
                      TRABECULAR_MIN_DIRS, _SLICE, _Segment, _body_mask, _check_ct, _flood, _working_grid,
                      _working_spacing)
-from .canal import CANAL_LOST_TOP_MM, _track_canal
+from .canal import _track_canal
 from .discs import _disc_planes
 from .vessels import VESSEL_HU, _blood_pools, _find_vessels, _front_crop, _pool_wedges
 from .outline import _fill_body_holes, _native_labels
@@ -80,7 +80,9 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
         raise InputError("no vertebral column found in the CT (no bone-enclosed spinal canal in view).")
     nz, ny, nx = hu.shape
     z_lo = max(0, canal["z_lo"] - int(round(SACRUM_BELOW_CANAL_MM / sp)))
-    z_hi = nz - 1 if canal["lost_top"] else min(nz - 1, canal["z_hi"] + int(round(CANAL_LOST_TOP_MM / sp)))
+    # Cranially the box reaches the view's top: the track is held there from its last pocket, at
+    # most CANAL_LOST_TOP_MM below, or continued along its end direction (_track_canal).
+    z_hi = nz - 1
 
     # --- column mask in a box around the canal -----------------------------------------------
     report(progress, 0.35, "builtin: vertebral column")
