@@ -113,15 +113,14 @@ def _shorter_scan_rows(ct, ref, full) -> list[dict]:
     any other "misnamed". Dice loss: the largest loss of whole-vertebra Dice on a reference level
     (against our level overlapping it most, whatever its name) from the full scan's, over the
     levels the shorter scan does not cut."""
-    from ..image import Image
     from .builtin import segment_builtin
+    from .builtin.common import _crop_image
 
     counts = {"named": 0, "flagged": 0, "misnamed": 0}
     worst = (0.0, "")
     for z0 in SHORTER_SCAN_BOTTOMS:
         for z1 in SHORTER_SCAN_TOPS:
-            origin = ct.index_to_physical(np.array([[z0, 0, 0]]))[0]
-            part = Image(ct.array[z0:z1].copy(), ct.spacing_mm, tuple(origin), ct.direction, dict(ct.metadata))
+            part = _crop_image(ct, (slice(z0, z1), slice(0, ct.shape[1]), slice(0, ct.shape[2])))
             try:
                 res = segment_builtin(part)
             except Exception:  # noqa: BLE001 - a benchmark records the failure and goes on

@@ -112,7 +112,6 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     dx = (xx - canal["cx"][:, None, None]) * sp
     box = (dy > -ROI_ANTERIOR_MM) & (dy < ROI_POSTERIOR_MM) & (np.abs(dx) < ROI_LATERAL_MM)
     box[:z_lo] = False
-    box[z_hi + 1:] = False
     front_mm = (canal["front"][:, None, None] - canal["cy"][:, None, None]) * sp  # negative
     # The canal inside a closed bony ring is a filled hole: take such holes out again.
     canal_disc = (dy ** 2 + dx ** 2) < (np.maximum(canal["rad"], 3.0 / sp)[:, None, None] * sp) ** 2

@@ -120,7 +120,8 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
                     continue
                 # The lumen's own HU (contrast is uniform along the tube): brighter voxels next to
                 # it are cortex or a calcified wall, and stay.
-                lumen_hu = h_fc[o][comp & good[:, None, None]]
+                in_good = comp & good[:, None, None]   # (the tube in its clean slices)
+                lumen_hu = h_fc[o][in_good]
                 q1, q3 = np.percentile(lumen_hu, [25, 75])
                 # Only a homogeneous tube is a vessel. Runs of bone pass the shape tests above:
                 # on a short scan a tube of dense marrow and disc (real 2 mm slab, IQR 126 HU; the
@@ -137,7 +138,7 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
                 # through T12 and L1 of the native real 3 mm CT cut one slice short (half the length
                 # suffices at the view's end): 79 % of it enclosed, T12 / L1 whole 0.902 / 0.915 ->
                 # 0.860 / 0.876; the phantoms' dark lumens 0-15 %, the real slab's aorta 5-10 %.
-                if (tube_min_hu <= BONE_HU and (enc_fc[o][comp & good[:, None, None]] >= TRABECULAR_MIN_DIRS).mean()
+                if (tube_min_hu <= BONE_HU and (enc_fc[o][in_good] >= TRABECULAR_MIN_DIRS).mean()
                         > VESSEL_ENCLOSED_SHARE):
                     continue
                 lumen_max_hu = max(lumen_max_hu, tube_max_hu)
@@ -170,7 +171,7 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
                 # the lumen's HU (a body's blurred cortex or marrow). (One component can hold two
                 # vessels side by side, the aorta and the IVC where they touch: each has its axis.)
                 pieces, _ = ndi.label(lumen, structure=_SLICE)
-                lumen_like = _lumen_like_pieces(pieces, h_fc[o], *_core_hu_range(h_fc[o], comp & good[:, None, None]))
+                lumen_like = _lumen_like_pieces(pieces, h_fc[o], *_core_hu_range(h_fc[o], in_good))
                 axes, on_axis, beside_axis = _tube_axes(pieces, lumen_like)
                 lumen = (on_axis | (beside_axis & lumen_like))[pieces]
                 del pieces
