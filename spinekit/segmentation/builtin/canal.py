@@ -135,7 +135,9 @@ def _track_canal(hu, bone, body, sp):
         for arr in (cy, cx, front):
             slope = float(np.clip(np.polyfit(zz, arr[zz], 1)[0], -1.0, 1.0))
             arr[out] = arr[ref_z] + slope * (out - ref_z)
-    return dict(cy=cy, cx=cx, rad=rad, front=front, z_lo=z0, z_hi=z1, enc=enc)
+    # (z_continued: the first slice of the cranial continuation, nz where the track is held)
+    return dict(cy=cy, cx=cx, rad=rad, front=front, z_lo=z0, z_hi=z1, z_continued=z1 + 1 if lost_top else nz,
+                enc=enc)
 
 
 def _core_mean_hu(pocket: np.ndarray, hu: np.ndarray, steps: int) -> float:
