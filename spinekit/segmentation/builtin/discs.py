@@ -32,8 +32,8 @@ END_BAND_SHARE = 0.5  # a band before the view's end with only fading profile be
 #                        of the view's other bands' median contrast
 OFF_DIP_WEIGHT = 0.5  # bands where the body profile does not dip rank at this share of their contrast
 BAND_DIP_SHARE = 0.05  # ... a dip: the profile this share below the lower of its flanks' maxima
-END_PIECE_MM = 6.0  # a disc is looked for between the last disc and the view's end a pitch and this apart, and
-#                     this far from the end (12 mm missed the T12/L1 disc of the real 3 mm CT ending 9-11 mm past
+END_PIECE_MM = 6.0  # a disc is looked for between the last disc and the view's top a pitch and this apart, and
+#                     this far from the top (12 mm missed the T12/L1 disc of the real 3 mm CT ending 9-11 mm past
 #                     it along the profile: T12's piece merged with L1, L1 whole 0.757 / 0.795 -> 0.906 / 0.905)
 DEFAULT_PITCH_MM = 30.0  # vertebra + disc height when too few discs are seen to measure it
 TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # sagittal tilts of the disc-finding slabs
@@ -299,21 +299,24 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
         for a, b in zip(ends[:-1], ends[1:]):
             pitch, tolerance = pitch_near(a, b)
             # Between two discs a missed one leaves 1.5 pitches or more. Between a disc and the
-            # view's end a pitch and END_PIECE_MM hold one: the vertebra beyond it cut by the view
-            # (real 3 mm CT ending 15 mm above the T12/L1 disc, 1.4 pitches past the L1/L2 disc:
-            # the disc was missed and T12's piece merged with L1; a candidate still lies
-            # MIN_VERTEBRA_MM from the end).
+            # view's end a pitch and a piece of the vertebra beyond, cut by the view, hold one:
+            # END_PIECE_MM of it at the view's top (real 3 mm CT ending 9-15 mm past the T12/L1
+            # disc, 1.4 pitches past the L1/L2 disc: the disc was missed and T12's piece merged
+            # with L1), MIN_VERTEBRA_MM at its bottom, where a lumbar view's sacrum lies beyond
+            # the L5/S1 disc and keeps a rudimentary S1/S2 disc about a pitch below it (the same
+            # CT given a softer kernel: a dip there split the sacrum and every name shifted).
+            # The candidate lies as far from the view's end.
+            cranial_end = a in chosen and b == nb - 1
+            end_piece_mm = END_PIECE_MM if cranial_end else MIN_VERTEBRA_MM
             one_end = (a in chosen) != (b in chosen)
-            if (b - a) < (pitch + END_PIECE_MM / bw if one_end else 1.5 * pitch):
+            if (b - a) < (pitch + end_piece_mm / bw if one_end else 1.5 * pitch):
                 continue
             # Expected disc one pitch away from a sure disc (or the profile end).
             targets = ([a + pitch] if a in chosen else []) + ([b - pitch] if b in chosen else [])
             best = None
             for p in weak:
-                # (MIN_VERTEBRA_MM from a disc, END_PIECE_MM from the view's end: the vertebra beyond
-                # is cut there, and its dip's far flank must still rise, see rate())
-                if not (a < p < b) or (p - a) * bw < (MIN_VERTEBRA_MM if a in chosen else END_PIECE_MM) \
-                        or (b - p) * bw < (MIN_VERTEBRA_MM if b in chosen else END_PIECE_MM):
+                # (its dip's far flank must still rise, see rate(): a fading view's end is no disc)
+                if not (a < p < b) or (p - a) * bw < MIN_VERTEBRA_MM or (b - p) * bw < end_piece_mm:
                     continue
                 dist = min((abs(p - t) for t in targets), default=0.0)
                 if dist <= tolerance * pitch and (best is None or rank(p) < rank(best)):
