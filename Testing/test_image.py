@@ -750,3 +750,20 @@ def test_real_nifti_ct(shared_data):
     ras = nib.affines.apply_affine(nii.affine, ijk)
     np.testing.assert_allclose(ct.index_to_physical(ijk[:, ::-1]), ras * np.array([-1, -1, 1]), atol=1e-3)
     np.testing.assert_array_equal(ct.array, np.asarray(nii.dataobj).transpose(2, 1, 0))
+
+
+def test_crop_keeps_each_voxel_where_it_lay():
+    # An oblique grid: a cropped voxel's physical point must be the one it had in the whole image.
+    rot = sitk.Euler3DTransform()
+    rot.SetRotation(0.2, -0.1, 0.3)
+    direction = np.array(rot.GetMatrix()).reshape(3, 3)
+    arr = np.arange(6 * 7 * 8, dtype=np.int16).reshape(6, 7, 8)
+    img = Image(arr, (0.8, 0.9, 2.5), (-10.0, 20.0, 35.0), direction, metadata={"Modality": "CT"})
+    part = img.crop((slice(2, 5), slice(None), slice(3, -1)))
+    assert part.shape == (3, 7, 4) and part.spacing_mm == img.spacing_mm
+    assert part.metadata == img.metadata and part.metadata is not img.metadata
+    idx = np.array([[0, 0, 0], [2, 6, 3], [1, 3, 2]])
+    np.testing.assert_array_equal(part.array[tuple(idx.T)], arr[tuple((idx + [2, 0, 3]).T)])
+    np.testing.assert_allclose(part.index_to_physical(idx), img.index_to_physical(idx + [2, 0, 3]), atol=1e-9)
+    with pytest.raises(ValueError, match="one step-1 slice per axis"):
+        img.crop((slice(0, 6, 2), slice(None), slice(None)))

@@ -1653,9 +1653,7 @@ def test_real_ct_bodies_are_whole_for_morphometry(abdomen):
 
 def _slices(ct: Image, z0: int, z1: int) -> Image:
     """Slices z0..z1-1 of a CT as a scan of their own (same geometry, shorter field of view)."""
-    from spinekit.segmentation.builtin.common import _crop_image
-
-    return _crop_image(ct, (slice(z0, z1), slice(0, ct.shape[1]), slice(0, ct.shape[2])))
+    return ct.crop((slice(z0, z1), slice(None), slice(None)))
 
 
 # Shorter scans of the same real CT (slice 0 is caudal; TotalSegmentator: S1 39-51, L5 42-58,
@@ -1685,11 +1683,9 @@ def test_real_ct_shorter_scans_are_named_from_the_anchor_in_view(abdomen, z0, z1
 def test_real_ct_cropped_inside_the_body_is_still_ct(abdomen):
     # A spine reconstruction cropped inside the body: no air in view (its bowel gas set to fat
     # here), only fat and soft tissue. It was refused as "not Hounsfield units".
-    from spinekit.segmentation.builtin.common import _crop_image
-
     ct, ref, _, res = abdomen
     y0, y1, x0, x1 = 14, 60, 33, 83
-    part = _crop_image(ct, (slice(0, ct.shape[0]), slice(y0, y1), slice(x0, x1)))
+    part = ct.crop((slice(None), slice(y0, y1), slice(x0, x1)))
     arr = part.array.copy()
     arr[arr < -500] = -100
     crop = segment_builtin(part.with_array(arr))
@@ -2604,7 +2600,7 @@ def test_native_box_holds_every_voxel_the_working_labels_reach(direction):
     # 13.0 s, peak 1.74 -> 1.10 GB, labels byte-identical). Every native voxel whose nearest
     # working voxel is in the labels' box - and the margin the outline refinement grows into -
     # must be inside it, in any storage orientation; the cropped image keeps their positions.
-    from spinekit.segmentation.builtin.common import _crop_image, _native_box, _working_grid
+    from spinekit.segmentation.builtin.common import _native_box, _working_grid
 
     img = Image(np.zeros((30, 40, 50), np.int16), (0.8, 0.9, 1.7), origin_mm=(-10.0, 20.0, 5.0),
                 direction=direction)
@@ -2621,7 +2617,7 @@ def test_native_box_holds_every_voxel_the_working_labels_reach(direction):
     inside = np.all([(idx[:, a] >= s.start) & (idx[:, a] < s.stop) for a, s in enumerate(box)], axis=0)
     assert labelled.any() and inside[reach].all()
     assert inside.sum() < 0.6 * inside.size           # a crop, not the whole image
-    sub = _crop_image(img, box)
+    sub = img.crop(box)
     some = np.array([[b.start for b in box], [b.stop - 1 for b in box]])
     assert np.allclose(sub.index_to_physical(some - some[0]), img.index_to_physical(some))
 

@@ -149,6 +149,16 @@ class Image:
             raise ValueError(f"array shape {array.shape} does not match image shape {self.array.shape}")
         return replace(self, array=array, metadata={**self.metadata, **metadata})
 
+    def crop(self, box_zyx: tuple[slice, ...]) -> "Image":
+        """The voxels in `box_zyx` (one slice per array axis, step 1) as an image of their own,
+        placed where they lay in this one (a shorter field of view, an in-plane crop)."""
+        if len(box_zyx) != self.ndim or any(b.step not in (None, 1) for b in box_zyx):
+            raise ValueError(f"crop box {box_zyx} must hold one step-1 slice per axis of a {self.ndim}-D image")
+        box = tuple(slice(*b.indices(n)[:2]) for b, n in zip(box_zyx, self.shape))
+        origin = self.index_to_physical(np.array([[b.start for b in box]], float))[0]
+        return Image(self.array[box], self.spacing_mm, tuple(float(v) for v in origin), self.direction,
+                     metadata=dict(self.metadata))
+
     def index_to_physical(self, index_zyx: np.ndarray) -> np.ndarray:
         """Continuous [z, y, x] indices (N x 3) -> LPS points (N x 3, x/y/z)."""
         idx_xyz = np.asarray(index_zyx, dtype=float)[..., ::-1]

@@ -114,13 +114,12 @@ def _shorter_scan_rows(ct, ref, full) -> list[dict]:
     (against our level overlapping it most, whatever its name) from the full scan's, over the
     levels the shorter scan does not cut."""
     from .builtin import segment_builtin
-    from .builtin.common import _crop_image
 
     counts = {"named": 0, "flagged": 0, "misnamed": 0}
     worst = (0.0, "")
     for z0 in SHORTER_SCAN_BOTTOMS:
         for z1 in SHORTER_SCAN_TOPS:
-            part = _crop_image(ct, (slice(z0, z1), slice(0, ct.shape[1]), slice(0, ct.shape[2])))
+            part = ct.crop((slice(z0, z1), slice(None), slice(None)))
             try:
                 res = segment_builtin(part)
             except Exception:  # noqa: BLE001 - a benchmark records the failure and goes on

@@ -203,13 +203,6 @@ def _native_box(working_box, grid: _Grid, image: Image) -> tuple[slice, ...]:
     return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
 
 
-def _crop_image(image: Image, box: tuple[slice, ...]) -> Image:
-    """The image's voxels in `box` (a view) with the geometry that places them."""
-    origin = image.index_to_physical(np.array([[b.start for b in box]], float))[0]
-    return Image(image.array[box], image.spacing_mm, tuple(float(v) for v in origin), image.direction,
-                 metadata=image.metadata)
-
-
 def _shifted(a: np.ndarray, axis: int, step: int, fill=None) -> np.ndarray:
     """out[i] = a[i + step] along `axis`; past the array's end `fill`, or the edge value itself
     when fill is None (the field of view's end is no surface). (A slice copy: ndi.shift with

@@ -15,7 +15,7 @@ from ...masks import fill_holes, in_plane
 from ...progress import report
 from ..base import superior_axis
 from ..metal import METAL_MIN_HU
-from .common import _SLICE, _SLICE8, _crop_image, _native_box, _shifted, _to_native
+from .common import _SLICE, _SLICE8, _native_box, _shifted, _to_native
 
 
 NATIVE_EDGE_HU = 250.0   # outline on a fine native grid (half-way soft tissue to cortex)
@@ -63,7 +63,7 @@ def _native_labels(segs, names, sacrum_seg, vert, bodies, grid, image, blood_fou
     if not named_box:
         return vert_full, bodies_full
     box = _native_box(named_box[0], grid, image)
-    sub = _crop_image(image, box)
+    sub = image.crop(box)
     vert_native = _to_native(vert_ids, grid, sub)
     del vert_ids
     bodies_native = _to_native(body_lut[bodies], grid, sub)
