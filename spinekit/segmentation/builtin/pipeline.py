@@ -50,8 +50,9 @@ PEDICLE_ROOT_MM = 4.0    # body / pedicle border lateral to the canal, in front 
 BODY_CLOSING_MM = 4.0    # gaps in a body's cortical ring bridged before filling
 CONTINUED_FRONT_MARGIN_MM = 4.5  # ... within the body zone, which reaches this far behind a continued canal
 #                                  track's anterior wall (a guess there): the ring's back must be in the zone
-#                                  to close (real 3 mm CT 30 HU darker: T12 whole 0.64 -> 0.85; 4.5-7.5 mm
-#                                  within 0.01 elsewhere but 5 deg sagittal turn T12 0.79 / 0.85, L1 0.90 / 0.89)
+#                                  to close (real 3 mm CT 30 HU darker: T12 whole 0.64 -> 0.85; 7.5 mm: turned
+#                                  5 deg sagittally T12 0.79 -> 0.85, but 30 HU darker / blurred L1 0.90 / 0.91
+#                                  -> 0.89 / 0.90)
 
 
 def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_levels: int = 1) -> SegmentationResult:
