@@ -1901,6 +1901,25 @@ def test_dip_in_a_low_density_body_is_no_disc():
     assert discs == [23, 45, 65, 85, 104]
 
 
+def test_a_disc_near_the_view_top_is_found_but_not_one_a_pitch_into_the_sacrum():
+    from spinekit.segmentation.builtin.discs import _find_discs
+
+    # Body profile, 1.5 mm bins: sure discs (5) every 24 bins from bin 29 to 125 between bodies
+    # (100), and two weak dips (60, ratio 0.6). At the top, bin 147 lies a pitch (less two bins)
+    # above the last disc and 6 bins (9 mm) below the view's end, with the next body's bottom
+    # beyond it: the real 3 mm CT ending 9 mm past its T12/L1 disc, whose dip was not looked for
+    # (T12's piece merged with L1). At the bottom, bin 10 lies as near a pitch below the first
+    # disc: a lumbar view's sacrum keeps a rudimentary S1/S2 disc there, and taking it split the
+    # sacrum of the real CT with a softer kernel and shifted every name.
+    prof = np.full(154, 100.0)
+    prof[[29, 53, 77, 101, 125]] = 5.0
+    prof[[10, 147]] = 60.0
+    prof[:2] = [20.0, 60.0]
+    prof[-2:] = [60.0, 20.0]
+    discs, _ = _find_discs(prof, 1.5)
+    assert discs == [29, 53, 77, 101, 125, 147]
+
+
 def test_end_of_the_top_body_is_no_disc_between_endplates():
     from spinekit.segmentation.builtin.discs import _find_discs
 
