@@ -1656,6 +1656,15 @@ def _slices(ct: Image, z0: int, z1: int) -> Image:
     return ct.crop((slice(z0, z1), slice(None), slice(None)))
 
 
+def _assert_real_whole_dice(res, ref: np.ndarray, t12_min: float = REAL_TARGET_DICE) -> None:
+    """Every level T12-L5 of a real-CT result against the reference, whole vertebrae: T12 (the
+    view's top vertebra) at least t12_min, the others at least REAL_TARGET_DICE."""
+    for name in ("T12", "L1", "L2", "L3", "L4", "L5"):
+        vid = lv.level_id(name)
+        d = dice(res.vertebrae.array == vid, ref == vid)
+        assert d >= (t12_min if name == "T12" else REAL_TARGET_DICE), f"{name} whole Dice {d:.3f}"
+
+
 # Shorter scans of the same real CT (slice 0 is caudal; TotalSegmentator: S1 39-51, L5 42-58,
 # T12 97-111): lumbar spine scans with the sacrum but no rib (0-96; 30-80, its lower sacral
 # segments cut off, so the cut alae lie at the view's caudal end), a scan cut through the L5/S1
@@ -1692,10 +1701,7 @@ def test_real_ct_cropped_inside_the_body_is_still_ct(abdomen):
     assert crop.present_levels() == res.present_levels() and not crop.labels_uncertain
     # (measured 0.884-0.934; T12 0.884 against 0.902 uncropped, with or without the air: its ribs
     # leave the crop)
-    for name in ("T12", "L1", "L2", "L3", "L4", "L5"):
-        vid = lv.level_id(name)
-        d = dice(crop.vertebrae.array == vid, ref[:, y0:y1, x0:x1] == vid)
-        assert d >= REAL_TARGET_DICE, f"{name} whole Dice {d:.3f}"
+    _assert_real_whole_dice(crop, ref[:, y0:y1, x0:x1])
 
 
 def test_real_ct_with_a_softer_kernel_keeps_its_top_vertebra(abdomen):
@@ -1707,10 +1713,7 @@ def test_real_ct_with_a_softer_kernel_keeps_its_top_vertebra(abdomen):
     soft = ndi.gaussian_filter(ct.array.astype(np.float32), (0, 0.7, 0.7))
     blurred = segment_builtin(ct.with_array(np.round(soft).astype(np.int16)))
     assert blurred.present_levels() == res.present_levels() and not blurred.labels_uncertain
-    for name in ("T12", "L1", "L2", "L3", "L4", "L5"):
-        vid = lv.level_id(name)
-        d = dice(blurred.vertebrae.array == vid, ref == vid)
-        assert d >= (0.8 if name == "T12" else REAL_TARGET_DICE), f"{name} whole Dice {d:.3f}"
+    _assert_real_whole_dice(blurred, ref, t12_min=0.8)
 
 
 def test_real_ct_30_hu_darker_keeps_its_top_vertebra(abdomen):
@@ -1723,10 +1726,7 @@ def test_real_ct_30_hu_darker_keeps_its_top_vertebra(abdomen):
     ct, ref, _, res = abdomen
     dark = segment_builtin(ct.with_array((ct.array.astype(np.int16) - 30)))
     assert dark.present_levels() == res.present_levels() and not dark.labels_uncertain
-    for name in ("T12", "L1", "L2", "L3", "L4", "L5"):
-        vid = lv.level_id(name)
-        d = dice(dark.vertebrae.array == vid, ref == vid)
-        assert d >= (0.8 if name == "T12" else REAL_TARGET_DICE), f"{name} whole Dice {d:.3f}"
+    _assert_real_whole_dice(dark, ref, t12_min=0.8)
 
 
 @pytest.mark.parametrize("n_slices", [111, 109])
@@ -1759,10 +1759,7 @@ def test_real_ct_ending_just_past_the_t12_l1_disc_keeps_t12_apart(abdomen, n_sli
     ours_l1 = cut.vertebrae.array == lv.level_id("L1")
     t12_share = np.count_nonzero(ours_l1 & (ref[:n_slices] == lv.level_id("T12"))) / np.count_nonzero(ours_l1)
     assert t12_share < 0.05, f"{t12_share:.1%} of L1 is T12"
-    for name in ("T12", "L1", "L2", "L3", "L4", "L5"):
-        vid = lv.level_id(name)
-        d = dice(cut.vertebrae.array == vid, ref[:n_slices] == vid)
-        assert d >= REAL_TARGET_DICE, f"{name} whole Dice {d:.3f}"
+    _assert_real_whole_dice(cut, ref[:n_slices])
 
 
 def test_short_dicom_slab_split_into_t12_t11_and_flagged():

@@ -117,6 +117,8 @@ def _shorter_scan_rows(ct, ref, full) -> list[dict]:
 
     counts = {"named": 0, "flagged": 0, "misnamed": 0}
     worst = (0.0, "")
+    names = ("T12", "L1", "L2", "L3", "L4", "L5")
+    ref_voxels = {name: np.count_nonzero(ref == lv.level_id(name)) for name in names}
     for z0 in SHORTER_SCAN_BOTTOMS:
         for z1 in SHORTER_SCAN_TOPS:
             part = ct.crop((slice(z0, z1), slice(None), slice(None)))
@@ -128,13 +130,15 @@ def _shorter_scan_rows(ct, ref, full) -> list[dict]:
             ours, theirs = res.vertebrae.array, ref[z0:z1]
             right = all(_best_match(theirs, ours, lv.level_id(r.name)) == lv.level_id(r.name) for r in res.levels)
             counts["flagged" if res.labels_uncertain else "named" if right else "misnamed"] += 1
-            for name in ("T12", "L1", "L2", "L3", "L4", "L5"):
+            for name in names:
                 vid = lv.level_id(name)
-                if not (theirs == vid).any() or (theirs == vid).sum() < (ref == vid).sum():   # (cut by the scan)
+                level = theirs == vid
+                n_in_view = np.count_nonzero(level)
+                if n_in_view == 0 or n_in_view < ref_voxels[name]:   # (out of view or cut by the scan)
                     continue
                 # (against our level that overlaps it most, whatever its name)
-                loss = (dice(full.vertebrae.array[z0:z1] == vid, theirs == vid)
-                        - dice(ours == _best_match(ours, theirs, vid), theirs == vid))
+                loss = (dice(full.vertebrae.array[z0:z1] == vid, level)
+                        - dice(ours == _best_match(ours, theirs, vid), level))
                 if loss > worst[0]:
                     worst = (loss, f"{name} in slices {z0}-{z1 - 1}")
     n = sum(counts.values())
