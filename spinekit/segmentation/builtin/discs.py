@@ -305,9 +305,16 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
             # with L1), MIN_VERTEBRA_MM at its bottom, where a lumbar view's sacrum lies beyond
             # the L5/S1 disc and keeps a rudimentary S1/S2 disc about a pitch below it (the same
             # CT given a softer kernel: a dip there split the sacrum and every name shifted).
-            # The candidate lies as far from the view's end.
+            # The candidate lies as far from the view's end. Not with a pitch measured on short
+            # gaps (under CLOSE_DISC_FRACTION of the gaps' 75th centile), which a false dip
+            # makes: the real CT turned 10 degrees about its long axis shows one mid-L1, 10 bins
+            # above the L1/L2 disc; the pitch of 11.5 bins then let a dip 7 bins below the view's
+            # top in, the T12/L1 disc between went as a marrow dip, and L1 was split (whole T12 /
+            # L1 0.75 / 0.82 -> 0.55 / 0.46).
             cranial_end = a in chosen and b == nb - 1
-            end_piece_mm = END_PIECE_MM if cranial_end else MIN_VERTEBRA_MM
+            gaps = np.diff(chosen)
+            regular = not gaps.size or pitch >= CLOSE_DISC_FRACTION * np.percentile(gaps, CLOSE_DISC_PERCENTILE)
+            end_piece_mm = END_PIECE_MM if cranial_end and regular else MIN_VERTEBRA_MM
             one_end = (a in chosen) != (b in chosen)
             if (b - a) < (pitch + end_piece_mm / bw if one_end else 1.5 * pitch):
                 continue
