@@ -1657,12 +1657,9 @@ def _slices(ct: Image, z0: int, z1: int) -> Image:
     return ct.crop((slice(z0, z1), slice(None), slice(None)))
 
 
-def _assert_real_whole_dice(res, ref: np.ndarray, t12_min: float = REAL_TARGET_DICE,
-                            l1_min: float = REAL_TARGET_DICE) -> None:
-    """Every level T12-L5 of a real-CT result against the reference, whole vertebrae: T12 (the
-    view's top vertebra) at least t12_min, L1 at least l1_min, the others at least
-    REAL_TARGET_DICE."""
-    floors = {"T12": t12_min, "L1": l1_min}
+def _assert_real_whole_dice(res, ref: np.ndarray, **floors: float) -> None:
+    """Every level T12-L5 of a real-CT result against the reference, whole vertebrae: each at
+    least REAL_TARGET_DICE, or the floor given for it by name (T12=0.8)."""
     for name in ("T12", "L1", "L2", "L3", "L4", "L5"):
         vid = lv.level_id(name)
         d = dice(res.vertebrae.array == vid, ref == vid)
@@ -1717,7 +1714,7 @@ def test_real_ct_with_a_softer_kernel_keeps_its_top_vertebra(abdomen):
     soft = ndi.gaussian_filter(ct.array.astype(np.float32), (0, 0.7, 0.7))
     blurred = segment_builtin(ct.with_array(np.round(soft).astype(np.int16)))
     assert blurred.present_levels() == res.present_levels() and not blurred.labels_uncertain
-    _assert_real_whole_dice(blurred, ref, t12_min=0.8)
+    _assert_real_whole_dice(blurred, ref, T12=0.8)
 
 
 def test_real_ct_30_hu_darker_keeps_its_top_vertebra(abdomen):
@@ -1730,7 +1727,7 @@ def test_real_ct_30_hu_darker_keeps_its_top_vertebra(abdomen):
     ct, ref, _, res = abdomen
     dark = segment_builtin(ct.with_array((ct.array.astype(np.int16) - 30)))
     assert dark.present_levels() == res.present_levels() and not dark.labels_uncertain
-    _assert_real_whole_dice(dark, ref, t12_min=0.8)
+    _assert_real_whole_dice(dark, ref, T12=0.8)
 
 
 @pytest.mark.parametrize("n_slices", [111, 109])
@@ -1766,24 +1763,50 @@ def test_real_ct_ending_just_past_the_t12_l1_disc_keeps_t12_apart(abdomen, n_sli
     _assert_real_whole_dice(cut, ref[:n_slices])
 
 
-def test_real_ct_turned_about_its_long_axis_keeps_l1_whole(abdomen):
-    # The same CT turned 10 degrees about its long axis (resampled linearly on its own grid, the
-    # reference nearest, which alone costs a few hundredths of Dice). Its body profile dips
-    # mid-L1, 10 bins (15 mm) above the L1/L2 disc; the pitch measured on those short gaps let a
-    # dip 7 bins below the view's top pass for the next disc, the T12/L1 disc between went as a
-    # marrow dip, and L1 was cut in two (T12 / L1 whole 0.552 / 0.455). (Measured T12 0.753,
-    # L1 0.824, L2-L5 0.859-0.912; README "Honest limits" for the turned scans' top levels.)
-    ct, ref, _, res = abdomen
+def _turned(ct: Image, ref: np.ndarray, axis: int, deg: float) -> tuple[Image, np.ndarray]:
+    """The CT turned by deg about its axis (0, 1, 2: x, y, z of its grid; 2 the long axis),
+    resampled linearly on its own grid, and the reference resampled nearest (which alone costs a
+    few hundredths of Dice); only the slices whose spine region lay inside the CT."""
     grid = ct.to_sitk()
     turn = sitk.Euler3DTransform()
     turn.SetCenter(grid.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2.0 for n in grid.GetSize()]))
-    turn.SetRotation(0.0, 0.0, np.radians(10.0))
-    turned = Image.from_sitk(sitk.Resample(grid, grid, turn, sitk.sitkLinear, -1024.0), dict(ct.metadata))
-    ref_turned = sitk.GetArrayFromImage(sitk.Resample(ct.with_array(ref).to_sitk(), grid, turn,
-                                                      sitk.sitkNearestNeighbor, 0))
+    angles = [0.0, 0.0, 0.0]
+    angles[axis] = float(np.radians(deg))
+    turn.SetRotation(*angles)
+
+    def resampled(img: sitk.Image, interpolator, fill: float) -> np.ndarray:
+        return sitk.GetArrayFromImage(sitk.Resample(img, grid, turn, interpolator, fill))
+
+    hu = resampled(grid, sitk.sitkLinear, -1024.0)
+    ref_turned = resampled(ct.with_array(ref).to_sitk(), sitk.sitkNearestNeighbor, 0)
+    inside = resampled(ct.with_array(np.ones(ct.shape, np.uint8)).to_sitk(), sitk.sitkNearestNeighbor, 0)
+    spine = ndi.binary_dilation((ref > 0).any(axis=0), iterations=5)
+    kept = np.flatnonzero([inside[z][spine].all() for z in range(ct.shape[0])])
+    z0, z1 = int(kept[0]), int(kept[-1]) + 1
+    return _slices(ct.with_array(hu.astype(ct.array.dtype)), z0, z1), ref_turned[z0:z1]
+
+
+# The real CT turned (README "Honest limits": the turned scans' top levels; measured whole Dice
+# in the comments, the floors a few hundredths below).
+# - 10 degrees about the long axis: its body profile dips mid-L1, 10 bins (15 mm) above the
+#   L1/L2 disc; the pitch measured on those short gaps let a dip 7 bins below the view's top pass
+#   for the next disc, the T12/L1 disc between went as a marrow dip, and L1 was cut in two (T12 /
+#   L1 0.552 / 0.455). Measured T12 0.753, L1 0.824, L2-L5 0.859-0.912.
+# - 2 degrees about the long axis: the marrow of T12 and L1, whose front cortex the resampling
+#   blurs, ran as a tube of the portal-venous band and was taken out as a vessel (L1 0.767, T12
+#   0.714); a vessel is now clean in at least VESSEL_CLEAN_SHARE of its slices. Measured T12 0.800,
+#   L1 0.888, L2-L5 0.858-0.917.
+# - 10 degrees about the left-right axis: the same with L4 and L5 (0.853 / 0.725); with their
+#   marrow kept the sacrum's ala share fell to 0.149 (L5 0.094) and the view was flagged, every
+#   name one level off, until ALA_FRACTION was 0.12. Measured T12 0.805, L1-L4 0.887-0.907, L5 0.846.
+@pytest.mark.parametrize("axis, deg, floors", [(2, 10.0, dict(T12=0.7, L1=0.78)), (2, 2.0, dict(T12=0.77)),
+                                               (0, 10.0, dict(T12=0.77, L5=0.8))])
+def test_real_ct_turned_is_split_and_named_like_totalsegmentator(abdomen, axis, deg, floors):
+    ct, ref, _, res = abdomen
+    turned, ref_turned = _turned(ct, ref, axis, deg)
     out = segment_builtin(turned)
     assert out.present_levels() == res.present_levels() and not out.labels_uncertain
-    _assert_real_whole_dice(out, ref_turned, t12_min=0.7, l1_min=0.78)
+    _assert_real_whole_dice(out, ref_turned, **floors)
 
 
 def test_short_dicom_slab_split_into_t12_t11_and_flagged():
