@@ -1794,8 +1794,8 @@ def _turned(ct: Image, ref: np.ndarray, axis: int, deg: float) -> tuple[Image, n
 #   L1 0.552 / 0.455). Measured T12 0.753, L1 0.824, L2-L5 0.859-0.912.
 # - 2 degrees about the long axis: the marrow of T12 and L1, whose front cortex the resampling
 #   blurs, ran as a tube of the portal-venous band and was taken out as a vessel (L1 0.767, T12
-#   0.714); a vessel is now clean in at least VESSEL_CLEAN_SHARE of its slices. Measured T12 0.800,
-#   L1 0.888, L2-L5 0.858-0.917.
+#   0.714); a vessel is now clean in VESSEL_CLEAN_SHARE of its slices or over VESSEL_CLEAN_RUN_MM.
+#   Measured T12 0.800, L1 0.888, L2-L5 0.858-0.917.
 # - 10 degrees about the left-right axis: the same with L4 and L5 (0.853 / 0.725); with their
 #   marrow kept the sacrum's ala share fell to 0.149 (L5 0.094) and the view was flagged, every
 #   name one level off, until ALA_FRACTION was 0.12. Measured T12 0.805, L1-L4 0.887-0.907, L5 0.846.

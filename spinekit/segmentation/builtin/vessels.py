@@ -23,7 +23,8 @@ VESSEL_MIDLINE_MM = 8.0     # the aorta runs beside the midline: under VESSEL_MI
 VESSEL_MIDLINE_SHARE = 0.35  # lies this close to it (bodies straddle it) ...
 VESSEL_MIDLINE_DEPTH_MM = 30.0  # ... within this distance in front of the canal (the bodies' depth)
 VESSEL_MAX_AREA_MM2 = 700.0  # larger cross-sections are vessel merged with a body: kept
-VESSEL_CLEAN_SHARE = 0.15  # a tube is clean (vessel-sized, off the midline) in at least this share of its slices
+VESSEL_CLEAN_SHARE = 0.15  # a tube is clean (vessel-sized, off the midline) in at least this share of its slices ...
+VESSEL_CLEAN_RUN_MM = 8.0  # ... or over a run of slices this long
 TUBE_AXIS_SLICES = 7      # a vessel's axis in a tube: its lumen's deepest point, median over this many slices
 TUBE_AXIS_ON_VOX = 2.0    # ... the in-plane pieces of lumen within this many voxels of it are the vessel's
 TUBE_AXIS_MARGIN_VOX = 2.0  # ... and pieces of the lumen's HU within its radius and this far of it
@@ -47,6 +48,12 @@ POOL_HOLE_MM2 = 300.0    # noise pockets inside a blood pool (in-plane), filled 
 POOL_HOLE_BELOW_HU = 40.0  # ... where they are at most this much darker than the blood threshold
 BLOOD_POOL_RIM_VOX = 1   # the opening misses a pool's rim where it meets a body: grown back this far
 POOL_WEDGE_MM = 14.0     # ... and, once the vessels are known, a pool's wedges this far (_pool_wedges)
+
+
+def _longest_run(flags: np.ndarray) -> int:
+    """Length of the longest run of True in a 1-D boolean array."""
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], flags.astype(np.int8), [0]))))
+    return int((edges[1::2] - edges[::2]).max(initial=0))
 
 
 def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz, z_off, sp):
@@ -121,12 +128,14 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
                 # slices, but the discs between leave it clean. The marrow of a row of bodies whose
                 # front cortex is faint (a native CT turned a few degrees, resampled linearly) runs
                 # as a tube of the portal-venous band and passes the tests here only in scattered
-                # slices, the bodies wider and the discs narrower than a vessel: 2-13 % of them on
-                # the real 3 mm CT turned or shifted (turned 2 degrees about the long axis: 8,700
-                # working voxels of T12 and L1 taken, L1 whole 0.767 -> 0.888; 5 degrees
-                # sagittally: 18,000 of T12-L3). Tubes of the phantoms' vessels: 9-100 %, at least
-                # 34 % in some band of each; the real slab's aorta 22-33 %.
-                if good.sum() < VESSEL_CLEAN_SHARE * good.size:
+                # slices, the bodies wider and the discs narrower than a vessel: 2-13 % of them,
+                # in runs of at most 6 mm, on the real 3 mm CT turned or shifted (turned 2 degrees
+                # about the long axis: 8,700 working voxels of T12 and L1 taken, L1 whole 0.767 ->
+                # 0.888; 5 degrees sagittally: 18,000 of T12-L3). Tubes of the phantoms' vessels:
+                # 9-100 %, those under 15 % in runs of 10.5 mm or more (in the widest band, an
+                # aorta merged with the column along a kyphotic chest view: 5 %, a 12 mm run); the
+                # real slab's aorta 22-33 %.
+                if good.sum() < VESSEL_CLEAN_SHARE * good.size and _longest_run(good) * sp < VESSEL_CLEAN_RUN_MM:
                     continue
                 # The lumen's own HU (contrast is uniform along the tube): brighter voxels next to
                 # it are cortex or a calcified wall, and stay.
