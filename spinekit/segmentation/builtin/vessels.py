@@ -128,13 +128,13 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
                 # slices, but the discs between leave it clean. The marrow of a row of bodies whose
                 # front cortex is faint (a native CT turned a few degrees, resampled linearly) runs
                 # as a tube of the portal-venous band and passes the tests here only in scattered
-                # slices, the bodies wider and the discs narrower than a vessel: 2-13 % of them,
-                # in runs of at most 6 mm, on the real 3 mm CT turned or shifted (turned 2 degrees
-                # about the long axis: 8,700 working voxels of T12 and L1 taken, L1 whole 0.767 ->
-                # 0.888; 5 degrees sagittally: 18,000 of T12-L3). Tubes of the phantoms' vessels:
-                # 9-100 %, those under 15 % in runs of 10.5 mm or more (in the widest band, an
-                # aorta merged with the column along a kyphotic chest view: 5 %, a 12 mm run); the
-                # real slab's aorta 22-33 %.
+                # slices, the bodies wider and the discs narrower than a vessel: 2-20 % of them
+                # (under 15 % in runs of at most 6 mm) on the real 3 mm CT turned or shifted
+                # (turned 2 degrees about the long axis: 8,700 working voxels of T12 and L1 taken,
+                # L1 whole 0.767 -> 0.888; 5 degrees sagittally: 18,000 of T12-L3). Tubes of the
+                # phantoms' vessels: 9-100 %, those under 15 % in runs of 10.5 mm or more (in the
+                # widest band, an aorta merged with the column along a kyphotic chest view: 5 %, a
+                # 12 mm run); the real slab's aorta 22-33 %.
                 if good.sum() < VESSEL_CLEAN_SHARE * good.size and _longest_run(good) * sp < VESSEL_CLEAN_RUN_MM:
                     continue
                 # The lumen's own HU (contrast is uniform along the tube): brighter voxels next to
