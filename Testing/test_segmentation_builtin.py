@@ -1764,7 +1764,7 @@ def test_real_ct_ending_just_past_the_t12_l1_disc_keeps_t12_apart(abdomen, n_sli
 
 
 def _turned(ct: Image, ref: np.ndarray, axis: int, deg: float) -> tuple[Image, np.ndarray]:
-    """The CT turned by deg about its axis (0, 1, 2: x, y, z of its grid; 2 the long axis),
+    """The CT turned by deg about a physical axis through its centre (0, 1, 2: x, y, z; 2 the long axis),
     resampled linearly on its own grid, and the reference resampled nearest (which alone costs a
     few hundredths of Dice); only the slices whose spine region lay inside the CT."""
     grid = ct.to_sitk()
