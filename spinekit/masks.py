@@ -46,6 +46,12 @@ def fill_holes(mask: np.ndarray, structure=None) -> np.ndarray:
     return ~outside[lab[inner]]
 
 
+def true_runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Starts and (exclusive) ends of the runs of True in a 1-D boolean array."""
+    edges = np.diff(np.concatenate(([0], np.asarray(flags).astype(np.int8), [0])))
+    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice overlap of two boolean masks (0 when both are empty)."""
     a = np.asarray(a, bool)

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from .. import levels as lv
-from ..masks import largest_component
+from ..masks import largest_component, true_runs
 
 ROI_MODES = ("whole", "mid")
 
@@ -162,8 +162,7 @@ def profile_extent_mm(mask: np.ndarray, spacing_zyx_mm, frame: VertebraFrame, ax
         if not inside.any():
             continue
         # Longest run of inside samples (ignores a stray neighbour touching the line).
-        edges = np.diff(np.concatenate([[0], inside.astype(np.int8), [0]]))
-        starts, ends = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+        starts, ends = true_runs(inside)
         # Prefer the run closest to the line centre; else the longest.
         centre_i = len(t) // 2
         runs = list(zip(starts, ends))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from ...masks import fill_holes
+from ...masks import fill_holes, true_runs
 from .common import (BONE_HU, ENCLOSURE_REACH_MM, ROI_ANTERIOR_MM, ROI_LATERAL_MM, TRABECULAR_HU, TRABECULAR_MIN_DIRS,
                      _SLICE, _enclosed)
 
@@ -48,12 +48,6 @@ POOL_HOLE_MM2 = 300.0    # noise pockets inside a blood pool (in-plane), filled 
 POOL_HOLE_BELOW_HU = 40.0  # ... where they are at most this much darker than the blood threshold
 BLOOD_POOL_RIM_VOX = 1   # the opening misses a pool's rim where it meets a body: grown back this far
 POOL_WEDGE_MM = 14.0     # ... and, once the vessels are known, a pool's wedges this far (_pool_wedges)
-
-
-def _longest_run(flags: np.ndarray) -> int:
-    """Length of the longest run of True in a 1-D boolean array."""
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], flags.astype(np.int8), [0]))))
-    return int((edges[1::2] - edges[::2]).max(initial=0))
 
 
 def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz, z_off, sp):
@@ -135,7 +129,9 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
                 # phantoms' vessels: 9-100 %, those under 15 % in runs of 10.5 mm or more (in the
                 # widest band, an aorta merged with the column along a kyphotic chest view: 5 %, a
                 # 12 mm run); the real slab's aorta 22-33 %.
-                if good.sum() < VESSEL_CLEAN_SHARE * good.size and _longest_run(good) * sp < VESSEL_CLEAN_RUN_MM:
+                run_starts, run_ends = true_runs(good)
+                longest_run_mm = (run_ends - run_starts).max(initial=0) * sp
+                if good.sum() < VESSEL_CLEAN_SHARE * good.size and longest_run_mm < VESSEL_CLEAN_RUN_MM:
                     continue
                 # The lumen's own HU (contrast is uniform along the tube): brighter voxels next to
                 # it are cortex or a calcified wall, and stay.
