@@ -296,6 +296,9 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
     while changed and weak:
         changed = False
         ends = [0] + chosen + [nb - 1]
+        # (the gaps' 75th centile: a pitch under CLOSE_DISC_FRACTION of it comes from short gaps, below)
+        gaps = np.diff(chosen)
+        spacing = float(np.percentile(gaps, CLOSE_DISC_PERCENTILE)) if gaps.size else 0.0
         for a, b in zip(ends[:-1], ends[1:]):
             pitch, tolerance = pitch_near(a, b)
             # Between two discs a missed one leaves 1.5 pitches or more. Between a disc and the
@@ -312,8 +315,7 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
             # top in, the T12/L1 disc between went as a marrow dip, and L1 was split (whole T12 /
             # L1 0.75 / 0.82 -> 0.55 / 0.46).
             cranial_end = a in chosen and b == nb - 1
-            gaps = np.diff(chosen)
-            regular = not gaps.size or pitch >= CLOSE_DISC_FRACTION * np.percentile(gaps, CLOSE_DISC_PERCENTILE)
+            regular = pitch >= CLOSE_DISC_FRACTION * spacing
             end_piece_mm = END_PIECE_MM if cranial_end and regular else MIN_VERTEBRA_MM
             one_end = (a in chosen) != (b in chosen)
             if (b - a) < (pitch + end_piece_mm / bw if one_end else 1.5 * pitch):
