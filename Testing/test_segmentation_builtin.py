@@ -1791,15 +1791,19 @@ def _turned(ct: Image, ref: np.ndarray, axis: int, deg: float) -> tuple[Image, n
 # - 10 degrees about the long axis: its body profile dips mid-L1, 10 bins (15 mm) above the
 #   L1/L2 disc; the pitch measured on those short gaps let a dip 7 bins below the view's top pass
 #   for the next disc, the T12/L1 disc between went as a marrow dip, and L1 was cut in two (T12 /
-#   L1 0.552 / 0.455). Measured T12 0.753, L1 0.824, L2-L5 0.859-0.912.
-# - 2 degrees about the long axis: the marrow of T12 and L1, whose front cortex the resampling
-#   blurs, ran as a tube of the portal-venous band and was taken out as a vessel (L1 0.767, T12
-#   0.714); a vessel is now clean in VESSEL_CLEAN_SHARE of its slices or over VESSEL_CLEAN_RUN_MM.
-#   Measured T12 0.800, L1 0.888, L2-L5 0.858-0.917.
+#   L1 0.552 / 0.455). With the marrow of T12 kept (below) that dip is the last disc and was
+#   kept (L1 0.470) until an end dip without a band gave way to the disc a spacing past the one
+#   before it. Measured T12 0.865, L1 0.900, L2-L5 0.859-0.913.
+# - 2 and 5 degrees about the long axis: the marrow of T12 and L1, whose front cortex the
+#   resampling blurs, ran as a tube of the portal-venous band and was taken out as a vessel
+#   (2 degrees: T12 / L1 0.714 / 0.767; 5 degrees: T12 0.667). A vessel is now clean in
+#   VESSEL_CLEAN_SHARE (25 %) of its slices or over VESSEL_CLEAN_RUN_MM. Measured, 2 degrees: T12
+#   0.872, L1 0.904, L2-L5 0.858-0.917; 5 degrees: T12 0.858, L1-L4 0.890-0.916, L5 0.849.
 # - 10 degrees about the left-right axis: the same with L4 and L5 (0.853 / 0.725); with their
 #   marrow kept the sacrum's ala share fell to 0.149 (L5 0.094) and the view was flagged, every
 #   name one level off, until ALA_FRACTION was 0.12. Measured T12 0.805, L1-L4 0.887-0.907, L5 0.846.
-@pytest.mark.parametrize("axis, deg, floors", [(2, 10.0, dict(T12=0.7, L1=0.78)), (2, 2.0, dict(T12=0.77)),
+@pytest.mark.parametrize("axis, deg, floors", [(2, 10.0, dict(T12=0.83)), (2, 2.0, dict(T12=0.84)),
+                                               (2, 5.0, dict(T12=0.83, L5=0.82)),
                                                (0, 10.0, dict(T12=0.77, L5=0.8))])
 def test_real_ct_turned_is_split_and_named_like_totalsegmentator(abdomen, axis, deg, floors):
     ct, ref, _, res = abdomen
@@ -1981,6 +1985,31 @@ def test_no_disc_near_the_view_top_on_a_pitch_a_false_dip_made():
     valley[[71, 95, 120, 145, 170, 193]] = 200.0
     discs, _ = _find_discs(prof, 1.5, valley)
     assert discs == [71, 95, 120, 145, 170, 193]
+
+
+def test_marrow_dip_ending_the_discs_gives_way_to_the_disc_a_spacing_past_the_one_before():
+    from spinekit.segmentation.builtin.discs import _find_discs
+
+    # Body profile, 1.5 mm bins, shaped on the real CT turned 10 degrees about its long axis with
+    # all of its marrow kept (no false vessel): banded discs every 24-25 bins to bin 169, a sure
+    # dip without a band mid-L1 (180, 0.39 of its flanks) and the T12/L1 disc 12 bins above it
+    # (192, weak: 0.46, a faint band), 18 bins below the view's top. The false dip, the last
+    # sure one, has a single gap; the pitch measured on it (17.5 bins) put the next disc at 197.5,
+    # 5.5 bins from 192, outside its tolerance. L1 was cut at 180 (whole 0.47).
+    prof = np.full(211, 100.0)
+    prof[[71, 95, 120, 145, 169]] = 5.0
+    prof[[180, 192]] = [39.0, 46.0]
+    prof[:2] = [20.0, 60.0]
+    prof[-2:] = [60.0, 20.0]
+    valley = np.full(prof.size, -np.inf)
+    valley[[71, 95, 120, 145, 169]] = 200.0
+    valley[[180, 192]] = [0.0, 24.0]
+    discs, _ = _find_discs(prof, 1.5, valley)
+    assert discs == [71, 95, 120, 145, 169, 192]
+    # With an endplate band the same dip is a disc (a short vertebra's), and stays.
+    valley[180] = 200.0
+    discs, _ = _find_discs(prof, 1.5, valley)
+    assert 180 in discs
 
 
 def test_end_of_the_top_body_is_no_disc_between_endplates():

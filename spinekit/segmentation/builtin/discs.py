@@ -36,6 +36,7 @@ END_PIECE_MM = 6.0  # a disc is looked for between the last disc and the view's 
 #                     this far from the top (12 mm missed the T12/L1 disc of the real 3 mm CT ending 9-11 mm past
 #                     it along the profile: T12's piece merged with L1, L1 whole 0.757 / 0.795 -> 0.906 / 0.905)
 DEFAULT_PITCH_MM = 30.0  # vertebra + disc height when too few discs are seen to measure it
+PITCH_TOLERANCE = 0.3    # a weak dip is a disc within this share of the pitch from where the spacing expects one
 TILTS_DEG = (-30.0, -15.0, 0.0, 15.0, 30.0)  # sagittal tilts of the disc-finding slabs
 CORONAL_TILTS_DEG = tuple(float(d) for d in range(-30, 31, 5))  # sideways tilts tried on each disc found
 CORONAL_GAIN = 0.85      # ... taken when its slab holds under this share of the untilted slab's bone
@@ -241,17 +242,17 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
 
     def pitch_near(a, b):
         """Typical disc spacing near the interval (a, b), from the other intervals, and how far
-        from it a disc may lie: 0.3 of it from two intervals, 0.5 from one (one vertebra may be
-        a crushed one: random T5-T8, T7 crushed to 13 bins, the T6/T5 band 18 bins above the
-        T7/T6 disc was missed and T5 and T6 merged)."""
+        from it a disc may lie: PITCH_TOLERANCE of it from two intervals, 0.5 from one (one
+        vertebra may be a crushed one: random T5-T8, T7 crushed to 13 bins, the T6/T5 band 18
+        bins above the T7/T6 disc was missed and T5 and T6 merged)."""
         gaps = np.diff(chosen).astype(float)
         mids = (np.array(chosen[:-1]) + np.array(chosen[1:])) / 2.0
         other = [(abs(m - (a + b) / 2), g) for m, g, lo_, hi_ in zip(mids, gaps, chosen[:-1], chosen[1:])
                  if not (lo_ == a and hi_ == b)]
         if not other:
-            return DEFAULT_PITCH_MM / bw, 0.3
+            return DEFAULT_PITCH_MM / bw, PITCH_TOLERANCE
         other.sort()
-        return float(np.median([g for _, g in other[:2]])), (0.3 if len(other) >= 2 else 0.5)
+        return float(np.median([g for _, g in other[:2]])), (PITCH_TOLERANCE if len(other) >= 2 else 0.5)
 
     weak = [p for p, r in ratio.items() if r < WEAK_DISC_DEPTH and p not in chosen]
     # A dark band between endplates is a candidate there too: on thick slices a disc is never
@@ -397,6 +398,25 @@ def _find_discs(prof: np.ndarray, sp: float, valley: Optional[np.ndarray] = None
         if not marrow:
             break
         chosen.remove(min(marrow)[1])
+    # The same marrow dip as the view's last (or first) disc has one gap only, so the rule above
+    # keeps it; and the search for weak dips beyond it took its short gap for the pitch, too
+    # short to reach the disc past it (the real 3 mm CT turned 10 degrees about its long axis: a
+    # sure dip mid-L1, 11 bins above the L1/L2 disc and without an endplate band, ended the
+    # discs, the T12/L1 dip 12 bins above it never taken; L1 split in two, whole 0.47). An end
+    # dip with no band, its gap under CLOSE_DISC_FRACTION of the other gaps' spacing, gives way
+    # to a weak dip beyond it a spacing past the disc before it, where there is one.
+    for cranial in (True, False) if valley is not None and len(chosen) >= 4 else ():
+        p, prev = (chosen[-1], chosen[-2]) if cranial else (chosen[0], chosen[1])
+        spacing = float(np.percentile(np.diff(chosen[:-1] if cranial else chosen[1:]), CLOSE_DISC_PERCENTILE))
+        if abs(p - prev) >= CLOSE_DISC_FRACTION * spacing or band_hu(p) >= ENDPLATE_CONTRAST_HU:
+            continue
+        target = prev + spacing if cranial else prev - spacing
+        past = [q for q in weak if (q > p if cranial else q < p) and abs(q - target) <= PITCH_TOLERANCE * spacing
+                and (nb - 1 - q if cranial else q) * bw >= MIN_VERTEBRA_MM]
+        if past:
+            q = min(past, key=rank)
+            chosen = sorted([c for c in chosen if c != p] + [q])
+            weak.remove(q)
     # A floor bin stood in for its band to be rated; where it lies outside the band, the disc
     # itself lies at the band, between the endplates: the floor's bottom beside an osteoporotic
     # body is in its marrow (random portal-venous T6-T11 at 2x2x2.5 mm, T8 at 55 mg/cm3: the
