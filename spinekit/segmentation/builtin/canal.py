@@ -16,6 +16,7 @@ CANAL_CORE_STEPS = 2       #     canals: their rim takes up the blur of the bone
 CANAL_AREA_MM2 = (25.0, 700.0)  # cross-section of a canal candidate
 CANAL_GAP_MM = 40.0      # the canal track bridges slices without an enclosed pocket up to this far
 CANAL_LOST_TOP_MM = 40.0  # a track ending further below the view's top is continued up to it
+CANAL_TOP_FIT_MM = 60.0   # ... along the line fitted to its pockets over this length below its end
 MIDLINE_BAND_MM = 45.0   # canal centre within this distance of the torso centre (scoliosis)
 
 
@@ -132,9 +133,17 @@ def _track_canal(hu, bone, body, sp):
             continue
         out = np.arange(0, z0) if lo_end else np.arange(z1 + 1, nz)
         ref_z = z0 if lo_end else z1
-        for arr in (cy, cx, front):
-            slope = float(np.clip(np.polyfit(zz, arr[zz], 1)[0], -1.0, 1.0))
-            arr[out] = arr[ref_z] + slope * (out - ref_z)
+        # Cranially the direction comes from the pockets themselves over CANAL_TOP_FIT_MM: the
+        # median-filtered track flattens over its last window, and its last 20 mm lagged behind
+        # the canal of a scan turned a few degrees (turned 5 degrees sagittally: the continued
+        # track ran into the back of T12's body, which went to the arch; T12 whole 0.789 -> 0.861).
+        near = z_sel >= z1 - CANAL_TOP_FIT_MM / sp
+        for arr, col in (cy, 1), (cx, 2), (front, 4):
+            if lo_end or np.count_nonzero(near) < 3:
+                slope = float(np.polyfit(zz, arr[zz], 1)[0])
+            else:
+                slope = float(np.polyfit(z_sel[near], sel[near, col], 1)[0])
+            arr[out] = arr[ref_z] + float(np.clip(slope, -1.0, 1.0)) * (out - ref_z)
     # (z_continued: the first slice of the cranial continuation, nz where the track is held)
     return dict(cy=cy, cx=cx, rad=rad, front=front, z_lo=z0, z_hi=z1, z_continued=z1 + 1 if lost_top else nz,
                 enc=enc)

@@ -48,11 +48,14 @@ PEDICLE_ROOT_MM = 4.0    # body / pedicle border lateral to the canal, in front 
 #                          (phantoms 2-4 mm within 0.01 of each other; real 3 mm CT vs TotalSegmentator
 #                          bodies L4 0.919 -> 0.956, L5 0.887 -> 0.906 at 4 mm; 6 mm cuts into L1/L2)
 BODY_CLOSING_MM = 4.0    # gaps in a body's cortical ring bridged before filling
-CONTINUED_FRONT_MARGIN_MM = 4.5  # ... within the body zone, which reaches this far behind a continued canal
+CONTINUED_FRONT_MARGIN_MM = 7.5  # ... within the body zone, which reaches this far behind a continued canal
 #                                  track's anterior wall (a guess there): the ring's back must be in the zone
-#                                  to close (real 3 mm CT 30 HU darker: T12 whole 0.64 -> 0.85; 7.5 mm: turned
-#                                  5 deg sagittally T12 0.79 -> 0.85, but 30 HU darker / blurred L1 0.90 / 0.91
-#                                  -> 0.89 / 0.90)
+#                                  to close (real 3 mm CT 30 HU darker: T12 whole 0.64 -> 0.85 at 4.5 mm). With
+#                                  the track continued along its pockets (canal.CANAL_TOP_FIT_MM) the wall lies
+#                                  nearer the bodies' back than along the old, lagging line, and 4.5 mm left
+#                                  T12's ring open on the copy 30 HU darker (T12 0.748 at 4.5-6.5 mm, 0.879 at
+#                                  7.5; a narrow window: at 8.5 mm a dip mid-L1 of that copy, with a band, was
+#                                  taken for a disc, L1 0.374; the other 17 altered copies within 0.005)
 
 
 def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_levels: int = 1) -> SegmentationResult:
