@@ -138,7 +138,7 @@ def _track_canal(hu, bone, body, sp):
         # the canal of a scan turned a few degrees (turned 5 degrees sagittally: the continued
         # track ran into the back of T12's body, which went to the arch; T12 whole 0.789 -> 0.861).
         near = z_sel >= z1 - CANAL_TOP_FIT_MM / sp
-        for arr, col in (cy, 1), (cx, 2), (front, 4):
+        for arr, col in (cy, 1), (cx, 2), (front, 4):   # (sel's columns: z, y, x, area, front, by core)
             if lo_end or np.count_nonzero(near) < 3:
                 slope = float(np.polyfit(zz, arr[zz], 1)[0])
             else:

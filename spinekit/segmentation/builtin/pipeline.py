@@ -55,7 +55,7 @@ CONTINUED_FRONT_MARGIN_MM = 7.5  # ... within the body zone, which reaches this 
 #                                  nearer the bodies' back than along the old, lagging line, and 4.5 mm left
 #                                  T12's ring open on the copy 30 HU darker (T12 0.748 at 4.5-6.5 mm, 0.879 at
 #                                  7.5; a narrow window: at 8.5 mm a dip mid-L1 of that copy, with a band, was
-#                                  taken for a disc, L1 0.374; the other 17 altered copies within 0.005)
+#                                  taken for a disc, L1 0.374; the other 17 altered copies within 0.009)
 
 
 def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_levels: int = 1) -> SegmentationResult:

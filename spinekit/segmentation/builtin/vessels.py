@@ -129,8 +129,8 @@ def _find_vessels(cand_full, zone_fc, edge_fc, h_fc, dx_fc, ahead_fc, enc_fc, nz
                 # copies kept a false tube of 16-20 %, turned 5 degrees about the long axis T12
                 # 0.667 -> 0.858 at 25 %). Tubes of the phantoms' vessels: 9-100 %, each under 25 %
                 # in a run of 8 mm or more (in the widest band, an aorta merged with the column
-                # along a kyphotic chest view: 5 %, a 12 mm run); the real slab's aorta 25-33 % in
-                # its HU bands (a 22 % tube of it no longer counts; the slab's results unchanged).
+                # along a kyphotic chest view: 5 %, a 12 mm run). The real slab's contrast tubes:
+                # 7-33 % (one of 22 %, a vessel at 15 %, no longer is; the slab's results unchanged).
                 run_starts, run_ends = true_runs(good)
                 longest_run_mm = (run_ends - run_starts).max(initial=0) * sp
                 if good.sum() < VESSEL_CLEAN_SHARE * good.size and longest_run_mm < VESSEL_CLEAN_RUN_MM:
