@@ -16,7 +16,9 @@ CANAL_CORE_STEPS = 2       #     canals: their rim takes up the blur of the bone
 CANAL_AREA_MM2 = (25.0, 700.0)  # cross-section of a canal candidate
 CANAL_GAP_MM = 40.0      # the canal track bridges slices without an enclosed pocket up to this far
 CANAL_LOST_TOP_MM = 40.0  # a track ending further below the view's top is continued up to it
-CANAL_TOP_FIT_MM = 60.0   # ... along the line fitted to its pockets over this length below its end
+CANAL_TOP_FIT_MM = 60.0   # ... along the line fitted to its pockets over this length below its end (a narrow
+#                           choice on the altered real CTs: 40-50 mm misnamed the copy 30 HU darker, 70 mm cost
+#                           the copy turned -5 deg about the long axis T12 0.867 -> 0.786; README "Honest limits")
 MIDLINE_BAND_MM = 45.0   # canal centre within this distance of the torso centre (scoliosis)
 
 
