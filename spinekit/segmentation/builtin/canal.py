@@ -140,12 +140,11 @@ def _track_canal(hu, bone, body, sp):
         # the canal of a scan turned a few degrees (turned 5 degrees sagittally: the continued
         # track ran into the back of T12's body, which went to the arch; T12 whole 0.789 -> 0.861).
         near = z_sel >= z1 - CANAL_TOP_FIT_MM / sp
+        on_pockets = not lo_end and np.count_nonzero(near) >= 3
         for arr, col in (cy, 1), (cx, 2), (front, 4):   # (sel's columns: z, y, x, area, front, by core)
-            if lo_end or np.count_nonzero(near) < 3:
-                slope = float(np.polyfit(zz, arr[zz], 1)[0])
-            else:
-                slope = float(np.polyfit(z_sel[near], sel[near, col], 1)[0])
-            arr[out] = arr[ref_z] + float(np.clip(slope, -1.0, 1.0)) * (out - ref_z)
+            z_fit, v_fit = (z_sel[near], sel[near, col]) if on_pockets else (zz, arr[zz])
+            slope = float(np.clip(np.polyfit(z_fit, v_fit, 1)[0], -1.0, 1.0))
+            arr[out] = arr[ref_z] + slope * (out - ref_z)
     # (z_continued: the first slice of the cranial continuation, nz where the track is held)
     return dict(cy=cy, cx=cx, rad=rad, front=front, z_lo=z0, z_hi=z1, z_continued=z1 + 1 if lost_top else nz,
                 enc=enc)
