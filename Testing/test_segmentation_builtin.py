@@ -126,6 +126,22 @@ def test_thoracic_view_without_t12_is_marked_uncertain(thoracic):
     assert min(body_dices.values()) >= 0.915, body_dices
 
 
+def test_outline_at_2_mm_pixels_drops_the_layer_outside_the_processes():
+    # T6-T9 at 2 x 2 x 3 mm (a bench_random draw, seed 20270191 view 13). A 2 mm pixel centred
+    # just outside a lamina or process holds part of its 1 mm cortex and reads far above soft
+    # tissue; the profile rule took it off the bodies only (the real 3 mm CT's reference keeps
+    # it), and a view of this kind held ~10 times as many voxels one layer outside the truth as
+    # one layer inside. Below COARSE_MM every in-plane face is tested, at 0.8 of the inward
+    # neighbour. Measured whole 0.915-0.933 (0.899-0.925 before), bodies 0.920-0.940 (0.918-0.936).
+    ph = _phantom(first_level="T6", last_level="T9", spacing_mm=(2.0, 2.0, 3.0), noise_hu=29.1, scoliosis_mm=11.0,
+                  scoliosis_span_mm=CTPhantomConfig().scoliosis_span_mm, lordosis_deg=47.2, kyphosis_deg=34.0,
+                  contrast_phase="native", effective_kev=59.5, seed=786, fractures={"T8": ("crush", 3)},
+                  densities_mg_cm3={"T6": 126, "T7": 108, "T8": 210, "T9": 145})
+    whole, body = _unanchored_dice(ph)
+    assert len(whole) == 4
+    assert min(whole.values()) >= 0.908 and min(body.values()) >= 0.9, (whole, body)
+
+
 @pytest.fixture(scope="module")
 def thoracic():
     ph = _phantom(first_level="T4", last_level="T10")
@@ -1469,11 +1485,21 @@ def test_profile_rule_drops_only_faces_past_the_cortex_peak():
     assert not _past_profile_peak(labels, body, hu, (0.8, 2.0, 2.0)).any()
     # The field of view's end is no surface: the same block cut at z=0 keeps its first slice.
     assert not _past_profile_peak(labels[3:], body[3:], hu[3:], (2.0, 2.0, 2.0)).any()
-    # Posterior elements (not body) only along the slice axis: a dark in-plane face stays.
+    # Posterior elements (not body) at 3 mm pixels (COARSE_MM: the real 3 mm CT's reference keeps
+    # their outline) only along the slice axis: a dark in-plane face stays. At 2 mm pixels every
+    # in-plane face is tested.
     hu2 = np.where(body, 600.0, 0.0).astype(np.float32)
     hu2[:, :, 3][body[:, :, 3]] = 300.0
-    assert not _past_profile_peak(labels, np.zeros_like(body), hu2, (2.0, 2.0, 2.0)).any()
-    assert _past_profile_peak(labels, body, hu2, (2.0, 2.0, 2.0))[:, :, 3][body[:, :, 3]].all()
+    face = body[:, :, 3]
+    assert not _past_profile_peak(labels, np.zeros_like(body), hu2, (3.0, 3.0, 3.0)).any()
+    assert _past_profile_peak(labels, body, hu2, (3.0, 3.0, 3.0))[:, :, 3][face].all()
+    assert _past_profile_peak(labels, np.zeros_like(body), hu2, (3.0, 2.0, 2.0))[:, :, 3][face].all()
+    # In-plane at 1.5-2.5 mm pixels a face darker than 0.8 of its inward neighbour is past the
+    # peak (0.75 here); at 3 mm pixels 0.7 holds it.
+    hu3 = np.where(body, 600.0, 0.0).astype(np.float32)
+    hu3[:, :, 3][face] = 450.0
+    assert _past_profile_peak(labels, body, hu3, (3.0, 2.0, 2.0))[:, :, 3][face].all()
+    assert not _past_profile_peak(labels, body, hu3, (3.0, 3.0, 3.0)).any()
 
 
 def test_the_view_end_is_no_outline():

@@ -14,6 +14,8 @@ from ...image import Image
 from ...masks import IN_SLICE, fill_holes, largest_component
 
 
+COARSE_MM = 2.5          # scans at least this coarse: their outline is judged against the real 3 mm CT's
+#                          reference (TotalSegmentator), finer ones against the phantoms' truth
 MIN_WORKING_MM = 1.25     # finest working grid for coarse scans (grids whose voxel centres hold the scan's)
 MAX_WORKING_VOXELS = 40e6  # ... and its largest (a 160x160x180 torso at 3 mm on the 1.5 mm grid: 36.9e6, 17 s,
 #                            peak 1.2 GB; on the 2 mm grid T9-L5 whole Dice mean 0.892, min 0.860, vs 0.900 / 0.866)

@@ -15,7 +15,7 @@ from ...masks import fill_holes
 from ...progress import Progress, report, scaled
 from ..base import LevelRecord, SegmentationResult, superior_axis
 from ..metal import reduce_metal_streaks
-from .common import (BONE_HU, ROI_ANTERIOR_MM, ROI_LATERAL_MM, ROI_POSTERIOR_MM, TRABECULAR_HU,
+from .common import (BONE_HU, COARSE_MM, ROI_ANTERIOR_MM, ROI_LATERAL_MM, ROI_POSTERIOR_MM, TRABECULAR_HU,
                      TRABECULAR_MIN_DIRS, _SLICE, _Segment, _body_mask, _check_ct, _flood, _working_grid,
                      _working_spacing)
 from .canal import _track_canal
@@ -142,7 +142,7 @@ def segment_builtin(image: Image, progress: Optional[Progress] = None, *, min_le
     # outline voxels that are not themselves bone-bright (interior low-density bone stays).
     # (At native spacing coarser than the working grid the outline blur is the scan's own and
     # stays, as in reference segmentations of such scans.)
-    if native_min < 2.5:
+    if native_min < COARSE_MM:
         shell = column & ~ndi.binary_erosion(column, border_value=1)   # (the view's end is no outline)
         column &= ~(shell & (hu < EDGE_HU))
         del shell
