@@ -106,17 +106,20 @@ def test_thoracic_view_without_t12_is_marked_uncertain(thoracic):
     assert res.labels_uncertain
     assert res.levels and all("label_uncertain" in r.flags and r.confidence < 0.5 for r in res.levels)
     # The vertebrae are still found and separated, whatever their names (Dice name-agnostic).
-    # Measured 0.914-0.943, median 0.927 (0.889-0.933 before the profile rule: at 2 mm the thin
-    # disc slice next to an endplate holds part of it, ~440 HU against ~640 HU inside, and passed
-    # the half-maximum outline, 123 + 110 false voxels on T4's two disc slices; the best
-    # single-HU-threshold outline, an oracle, reaches 0.917 there. _past_profile_peak drops a
-    # face voxel darker than 0.7 of its inward neighbour).
+    # Measured 0.930-0.963, median 0.942 (0.912-0.943, median 0.924, while the processes'
+    # in-plane faces were left out of the profile rule at 2 mm pixels; 0.889-0.933 before the
+    # profile rule: at 2 mm the thin disc slice next to an endplate holds part of it, ~440 HU
+    # against ~640 HU inside, and passed the half-maximum outline, 123 + 110 false voxels on T4's
+    # two disc slices; the best single-HU-threshold outline, an oracle, reaches 0.917 there.
+    # _past_profile_peak drops a face voxel darker than 0.7 of its inward neighbour, 0.8 in-plane
+    # at 1.5-2.5 mm pixels).
     dices = _best_match_dice(res.vertebrae.array, ph.vertebrae.array)
     assert len(res.levels) == len(dices)
-    assert min(dices.values()) >= 0.905, dices
-    assert np.median(list(dices.values())) >= 0.92, dices
-    # Bodies (with the label matched on the whole vertebra): 0.925-0.966, median 0.946 (0.905-0.961
-    # before the profile rule, 0.883-0.932 before the discs were carved).
+    assert min(dices.values()) >= 0.92, dices
+    assert np.median(list(dices.values())) >= 0.935, dices
+    # Bodies (with the label matched on the whole vertebra): 0.928-0.970, median 0.956 (0.925-0.966
+    # before the in-plane rule, 0.905-0.961 before the profile rule, 0.883-0.932 before the discs
+    # were carved).
     body_dices = {}
     for t in dices:
         ids, counts = np.unique(res.vertebrae.array[ph.vertebrae.array == t], return_counts=True)
@@ -2044,6 +2047,41 @@ def test_marrow_dip_ending_the_discs_gives_way_to_the_disc_a_spacing_past_the_on
     valley[180] = 200.0
     discs, _ = _find_discs(prof, 1.5, valley)
     assert 180 in discs
+
+
+def test_marrow_band_gives_way_to_the_disc_band_that_spaces_the_discs_evenly():
+    from spinekit.segmentation.builtin.discs import _find_discs
+
+    # Measured profiles (per cent of the peak, 2 mm bins) and endplate bands (HU) of two random
+    # phantom views with no sure density dip, each with an osteoporotic vertebra (40-41 mg/cm3),
+    # its marrow far darker than its own endplates. Bands closer than a vertebra exclude each
+    # other, the stronger first. Native T4-T11 at 2x2x2.5 mm: a 167 HU band mid-T6 (bin 76)
+    # beat the T7/T6 disc's 142 HU band at 71, leaving gaps of 19 and 6 bins against a spacing
+    # of 14 (T6 / T7 whole 0.51 / 0.81). Portal-venous T5-T8: the T6/T5 band at 39, off the dip
+    # as the osteoporotic T5 fades out of the view's top beyond it, counted at half its 86 HU
+    # and lost to an 85 HU band mid-T5 at 44 (T5 0.65).
+    prof = np.array([6, 22, 44, 56, 58, 63, 61, 60, 61, 63, 67, 72, 75, 81, 90, 67, 66, 83, 83, 79, 77, 74, 74, 76,
+                     80, 80, 80, 82, 89, 87, 67, 82, 86, 85, 82, 79, 78, 78, 84, 84, 81, 81, 87, 78, 71, 86, 89, 80,
+                     78, 77, 78, 81, 87, 85, 85, 86, 78, 65, 77, 87, 91, 92, 94, 95, 97, 100, 92, 85, 76, 59, 31, 48,
+                     61, 56, 53, 51, 54, 61, 65, 63, 60, 35, 39, 59, 73, 77, 80, 81, 84, 87, 86, 79, 74, 66, 60, 63,
+                     69, 74, 80, 76, 72, 68, 61, 52, 39, 18, 3], float)
+    bands = {8: 2, 10: 1, 15: 224, 16: 116, 22: 1, 23: 5, 24: 2, 30: 290, 35: 1, 36: 4, 37: 7, 38: 2, 43: 72, 44: 274,
+             48: 1, 49: 3, 50: 6, 51: 5, 52: 1, 57: 289, 62: 3, 63: 10, 64: 3, 69: 127, 70: 58, 71: 142, 75: 82,
+             76: 167, 80: 104, 81: 184, 82: 233, 87: 24, 88: 47, 93: 273, 94: 216, 95: 1, 97: 2, 98: 44, 99: 12,
+             100: 24}
+    valley = np.full(prof.size, -np.inf)
+    valley[list(bands)] = list(bands.values())
+    discs, _ = _find_discs(prof, 2.0, valley)
+    assert discs == [15, 30, 44, 57, 71, 82, 93]
+    prof = np.array([6, 26, 48, 65, 72, 82, 96, 98, 97, 98, 98, 98, 100, 93, 78, 85, 95, 97, 97, 98, 97, 97, 95, 91,
+                     87, 80, 57, 49, 70, 86, 86, 88, 89, 92, 96, 92, 86, 82, 77, 71, 72, 71, 62, 56, 56, 57, 60, 60,
+                     56, 51, 32, 8], float)
+    bands = {5: 3, 6: 4, 7: 2, 9: 8, 10: 1, 14: 269, 20: 29, 26: 184, 27: 332, 28: 4, 31: 2, 33: 24, 34: 7, 35: 3,
+             39: 86, 44: 85, 45: 34, 46: 7}
+    valley = np.full(prof.size, -np.inf)
+    valley[list(bands)] = list(bands.values())
+    discs, _ = _find_discs(prof, 2.0, valley)
+    assert discs == [14, 27, 39]
 
 
 def test_end_of_the_top_body_is_no_disc_between_endplates():
